@@ -1,0 +1,1 @@
+"""Password schemes, the user database file and the twisted.cred checker."""

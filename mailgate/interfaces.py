@@ -1,0 +1,99 @@
+"""The seams between mailgate's layers.
+
+Protocols know only these interfaces and twisted.cred; storage, credentials and delivery
+provide them. Every interface has an in-memory implementation in :mod:`mailgate.testing`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import IO, Any, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+from mailgate.model import Address, Envelope
+
+T = TypeVar("T")
+
+
+class ThreadRunner(Protocol):
+    """Runs blocking work (hashing, fsync) off the reactor thread."""
+
+    def __call__(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]: ...
+
+
+class IMaildrop(Interface):
+    """A POP3 user's locked maildrop, as a snapshot taken at login.
+
+    Message numbers in the protocol are ``index + 1`` into ``messages``; the snapshot never
+    changes during a session, whatever is delivered meanwhile.
+    """
+
+    messages = Attribute("Sequence[MessageInfo]: the snapshot, in delivery order")
+
+    def open_message(index: int) -> IO[bytes]:
+        """Open the stored bytes of message ``index`` (any line ends; the caller normalises)."""
+
+    def commit(deleted: Sequence[int]) -> Deferred[int]:
+        """Remove these messages for good (POP3 UPDATE) and release the lock.
+
+        Fires with the number of messages that could not be removed.
+        """
+
+    def release() -> None:
+        """Release the lock without changing anything. Safe to call more than once."""
+
+
+class IMessageSink(Interface):
+    """Receives one message being submitted and makes it durable."""
+
+    queue_id = Attribute("str: identifier of this message in logs and replies")
+
+    def write(data: bytes) -> None:
+        """Append message bytes. Lines end with a bare LF (``\\n``), never CR."""
+
+    def finish() -> Deferred[str]:
+        """Make the message durable for every recipient (fsynced), then fire with queue_id."""
+
+    def abort() -> None:
+        """Throw away everything written; nothing is delivered."""
+
+
+class ISubmission(Interface):
+    """What a logged-in sender (SMTP AUTH, XTND XMIT, or a trusted network) may do."""
+
+    address = Attribute("Address | None: the authenticated account, None when unauthenticated")
+
+    def check_sender(sender: Address | None) -> None:
+        """Raise :class:`~mailgate.errors.SenderNotOwned` unless this user may use ``sender``."""
+
+    def check_recipient(recipient: Address) -> None:
+        """Raise UnknownRecipient or RelayDenied unless ``recipient`` is acceptable."""
+
+    def open_message(envelope: Envelope) -> IMessageSink:
+        """Start storing one message for this envelope."""
+
+
+class IUserDatabase(Interface):
+    """Where accounts and their password hashes live."""
+
+    def get_password_hash(address: Address) -> str | None:
+        """The stored password hash of this account, or None when there is no such account."""
+
+    def exists(address: Address) -> bool:
+        """Whether the account exists (used to accept or refuse local recipients)."""
+
+
+class IMailStore(Interface):
+    """Maildrops of every account, and local delivery into them."""
+
+    def open_maildrop(address: Address) -> Deferred[IMaildrop]:
+        """Lock and snapshot the account's maildrop.
+
+        Fails with MaildropInUse when another session holds it, MaildropUnavailable on I/O
+        trouble.
+        """
+
+    def open_delivery(envelope: Envelope) -> IMessageSink:
+        """Start a message to be delivered to the (local) recipients of ``envelope``."""

@@ -1,0 +1,132 @@
+"""In-memory implementations of mailgate's interfaces, for tests of the layers above them.
+
+They follow the same contracts as the real Maildir store and user database (the contract
+tests in ``tests/`` run against both), so the fakes stay honest.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import Sequence
+from typing import IO
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from mailgate.errors import MaildropInUse
+from mailgate.interfaces import IMaildrop, IMailStore, IMessageSink, IUserDatabase
+from mailgate.model import Address, Envelope, MessageInfo
+from mailgate.wire import encode_all
+
+
+@implementer(IUserDatabase)
+class MemoryUserDatabase:
+    """Accounts with plaintext passwords, kept in a dict. Tests only."""
+
+    def __init__(self, users: dict[str, str] | None = None) -> None:
+        self.passwords: dict[Address, str] = {}
+        for name, password in (users or {}).items():
+            local, _, domain = name.rpartition("@")
+            self.passwords[Address(local, domain)] = password
+
+    def get_password_hash(self, address: Address) -> str | None:
+        return self.passwords.get(address)
+
+    def exists(self, address: Address) -> bool:
+        return address in self.passwords
+
+
+class MemoryMessage:
+    """A stored message with the UID it was given at delivery."""
+
+    def __init__(self, uid: str, data: bytes) -> None:
+        self.uid = uid
+        self.data = data
+
+
+@implementer(IMaildrop)
+class MemoryMaildrop:
+    """A snapshot over a :class:`MemoryMailStore` mailbox."""
+
+    def __init__(self, store: MemoryMailStore, address: Address) -> None:
+        self._store = store
+        self._address = address
+        self._snapshot = list(store.mailboxes.get(address, []))
+        self.messages: Sequence[MessageInfo] = [
+            MessageInfo(m.uid, len(encode_all([m.data], stuff=False)), m.uid)
+            for m in self._snapshot
+        ]
+        self.released = False
+
+    def open_message(self, index: int) -> IO[bytes]:
+        return io.BytesIO(self._snapshot[index].data)
+
+    def commit(self, deleted: Sequence[int]) -> Deferred[int]:
+        gone = {self._snapshot[i].uid for i in deleted}
+        box = self._store.mailboxes.get(self._address, [])
+        self._store.mailboxes[self._address] = [m for m in box if m.uid not in gone]
+        self.release()
+        return succeed(0)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._store.locked.discard(self._address)
+
+
+@implementer(IMessageSink)
+class MemorySink:
+    """Collects a message; delivers it to the store's mailboxes on finish()."""
+
+    def __init__(self, store: MemoryMailStore, envelope: Envelope, queue_id: str) -> None:
+        self._store = store
+        self.envelope = envelope
+        self.queue_id = queue_id
+        self._parts: list[bytes] = []
+        self.aborted = False
+        self.finished = False
+
+    def write(self, data: bytes) -> None:
+        assert b"\r" not in data, "sinks take LF line ends only"
+        self._parts.append(data)
+
+    def finish(self) -> Deferred[str]:
+        if self._store.fail_deliveries:
+            return fail(OSError("disk full"))
+        data = b"".join(self._parts)
+        for rcpt in self.envelope.recipients:
+            self._store.deliver(rcpt, data)
+        self.finished = True
+        self._store.delivered.append((self.envelope, data))
+        return succeed(self.queue_id)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+@implementer(IMailStore)
+class MemoryMailStore:
+    """Mailboxes in a dict, with the same locking rule as the Maildir store."""
+
+    def __init__(self) -> None:
+        self.mailboxes: dict[Address, list[MemoryMessage]] = {}
+        self.locked: set[Address] = set()
+        self.delivered: list[tuple[Envelope, bytes]] = []
+        self.fail_deliveries = False
+        self._uids = itertools.count(1)
+
+    def deliver(self, address: Address, data: bytes) -> str:
+        """Put a message straight into a mailbox (test setup); returns its UID."""
+        uid = f"uid{next(self._uids):06d}"
+        self.mailboxes.setdefault(address, []).append(MemoryMessage(uid, data))
+        return uid
+
+    def open_maildrop(self, address: Address) -> Deferred[IMaildrop]:
+        if address in self.locked:
+            return fail(MaildropInUse(str(address)))
+        self.locked.add(address)
+        return succeed(MemoryMaildrop(self, address))
+
+    def open_delivery(self, envelope: Envelope) -> IMessageSink:
+        return MemorySink(self, envelope, f"Q{next(self._uids):06d}")

@@ -1,0 +1,67 @@
+"""Tests for the stored-bytes -> wire encoder."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailgate.wire import WireEncoder, encode_all, wire_size_of_file
+
+
+def test_first_line_dot_is_stuffed() -> None:
+    assert encode_all([b".hidden\nx\n"]) == b"..hidden\r\nx\r\n"
+
+
+def test_dot_line_at_chunk_boundary_is_stuffed() -> None:
+    assert encode_all([b"a\n", b".\n", b"b\n"]) == b"a\r\n..\r\nb\r\n"
+
+
+def test_crlf_split_across_chunks_is_one_line_end() -> None:
+    assert encode_all([b"a\r", b"\nb\r", b"\n"]) == b"a\r\nb\r\n"
+
+
+def test_bare_cr_becomes_crlf() -> None:
+    assert encode_all([b"a\rb"]) == b"a\r\nb\r\n"
+
+
+def test_missing_final_newline_is_added() -> None:
+    assert encode_all([b"abc"]) == b"abc\r\n"
+
+
+def test_empty_message_stays_empty() -> None:
+    assert encode_all([]) == b""
+
+
+def test_no_stuffing_mode_for_sizes() -> None:
+    enc = WireEncoder(stuff=False)
+    assert enc.feed(b".x\n") + enc.finish() == b".x\r\n"
+
+
+@given(st.binary(max_size=300), st.integers(min_value=1, max_value=17))
+def test_chunking_never_changes_output(data: bytes, size: int) -> None:
+    chunks = [data[i : i + size] for i in range(0, len(data), size)]
+    assert encode_all(chunks) == encode_all([data])
+
+
+@given(st.binary(max_size=300))
+def test_output_has_only_crlf_and_no_unstuffed_dot_lines(data: bytes) -> None:
+    out = encode_all([data])
+    assert out.replace(b"\r\n", b"").count(b"\r") == 0
+    assert out.replace(b"\r\n", b"").count(b"\n") == 0
+    for line in out.split(b"\r\n"):
+        assert line != b"."
+
+
+@given(st.binary(max_size=300))
+def test_unstuffing_restores_normalised_text(data: bytes) -> None:
+    out = encode_all([data])
+    lines = out.split(b"\r\n")[:-1] if out else []
+    unstuffed = [ln[1:] if ln.startswith(b".") else ln for ln in lines]
+    assert b"\r\n".join(unstuffed) + (b"\r\n" if lines else b"") == encode_all([data], stuff=False)
+
+
+@given(st.binary(max_size=300))
+def test_file_size_matches_unstuffed_output(data: bytes) -> None:
+    import io
+
+    assert wire_size_of_file(io.BytesIO(data), chunk_size=7) == len(encode_all([data], False))
