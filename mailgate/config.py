@@ -1,0 +1,325 @@
+"""Configuration: a TOML file (or nothing at all) -> a frozen, validated :class:`Config`.
+
+Every key is checked: an unknown key or a bad value is a :class:`ConfigError` that names the
+file and the key, so a typo never silently runs a server with a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mailgate.errors import ConfigError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+PROTOCOLS = ("pop3", "submission")
+TLS_MODES = ("starttls", "implicit", "none")
+
+DEFAULT_LISTENERS: tuple[tuple[str, str, str], ...] = (
+    ("pop3", "tcp:1110:interface=127.0.0.1", "starttls"),
+    ("pop3", "tcp:1995:interface=127.0.0.1", "implicit"),
+    ("submission", "tcp:1587:interface=127.0.0.1", "starttls"),
+    ("submission", "tcp:1465:interface=127.0.0.1", "implicit"),
+)
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One listening socket: which protocol, where (a Twisted endpoint string), which TLS."""
+
+    protocol: str
+    endpoint: str
+    tls: str
+
+    @property
+    def name(self) -> str:
+        if self.protocol == "pop3":
+            return "pop3s" if self.tls == "implicit" else "pop3"
+        return "submissions" if self.tls == "implicit" else "submission"
+
+
+@dataclass(frozen=True)
+class Pop3Config:
+    timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    timeout: float = 600.0
+    max_size: int = 26214400
+    max_recipients: int = 100
+    bare_newline: str = "normalize"
+    long_lines: str = "reject"
+    require_tls: bool = True
+    smtputf8: bool = False
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    max_failures: int = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the composition root needs, already validated."""
+
+    state_dir: Path = Path("mailgate-data")
+    hostname: str = field(default_factory=socket.getfqdn)
+    default_domain: str = "localhost"
+    local_domains: tuple[str, ...] = ()
+    listeners: tuple[Listener, ...] = tuple(Listener(*x) for x in DEFAULT_LISTENERS)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    allow_plaintext_from: tuple[Network, ...] = ()
+    trusted_networks: tuple[Network, ...] = ()
+    pop3: Pop3Config = Pop3Config()
+    smtp: SmtpConfig = SmtpConfig()
+    auth: AuthConfig = AuthConfig()
+    #: True when no config file was given: the demo account may be created.
+    embedded_defaults: bool = True
+
+    @property
+    def all_local_domains(self) -> tuple[str, ...]:
+        domains = [self.default_domain, *self.local_domains]
+        return tuple(dict.fromkeys(d.lower() for d in domains))
+
+    @property
+    def cert_path(self) -> Path:
+        return self.tls_cert or self.state_dir / "tls" / "cert.pem"
+
+    @property
+    def key_path(self) -> Path:
+        return self.tls_key or self.state_dir / "tls" / "key.pem"
+
+    @property
+    def self_signed(self) -> bool:
+        return self.tls_cert is None
+
+
+def network_predicate(networks: Iterable[Network]) -> Callable[[str], bool]:
+    """A fast ``peer ip -> bool`` test for membership in any of ``networks``."""
+    nets = tuple(networks)
+
+    def contains(host: str) -> bool:
+        if not nets:
+            return False
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in n for n in nets)
+
+    return contains
+
+
+class _Section:
+    """Reads one TOML table, remembering which keys were used so leftovers are errors."""
+
+    def __init__(self, source: str, prefix: str, data: Mapping[str, Any]) -> None:
+        self.source = source
+        self.prefix = prefix
+        self.data = dict(data)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.key(name)}: {message}")
+
+    def take(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        if name not in self.data:
+            return default
+        value = self.data.pop(name)
+        if isinstance(value, bool) and kind in (int, float, (int, float)):
+            raise self.error(name, "expected a number, got a boolean")
+        if not isinstance(value, kind):
+            names = (
+                kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            )
+            raise self.error(name, f"expected {names}, got {type(value).__name__}")
+        return value
+
+    def positive(self, name: str, default: float, minimum: float = 1) -> Any:
+        value = self.take(name, (int, float), default)
+        if value < minimum:
+            raise self.error(name, f"must be at least {minimum}")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value: str = self.take(name, str, default)
+        if value not in choices:
+            raise self.error(name, f"must be one of {', '.join(choices)}")
+        return value
+
+    def sub(self, name: str) -> _Section:
+        table = self.take(name, dict, {})
+        return _Section(self.source, f"{self.key(name)}.", table)
+
+    def done(self) -> None:
+        if self.data:
+            name = sorted(self.data)[0]
+            raise self.error(name, "unknown key")
+
+
+def parse_networks(values: Iterable[str], where: str) -> tuple[Network, ...]:
+    out = []
+    for v in values:
+        try:
+            out.append(ipaddress.ip_network(v, strict=False))
+        except ValueError as e:
+            raise ConfigError(f"{where}: {v!r} is not a network (CIDR) ") from e
+    return tuple(out)
+
+
+def _domain(value: str, where: str) -> str:
+    from mailgate.model import _DOMAIN  # the one domain grammar
+
+    if not _DOMAIN.match(value):
+        raise ConfigError(f"{where}: {value!r} is not a domain name")
+    return value.lower()
+
+
+def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config:
+    """Validate the TOML document ``data`` (read from ``source``) into a Config."""
+    top = _Section(source, "", data)
+    defaults = Config()
+    state_dir = Path(top.take("state_dir", str, str(defaults.state_dir)))
+    hostname = top.take("hostname", str, defaults.hostname)
+    default_domain = _domain(
+        top.take("default_domain", str, defaults.default_domain), f"{source}: default_domain"
+    )
+    local_domains = tuple(
+        _domain(d, f"{source}: local_domains") for d in _strings(top, "local_domains", [])
+    )
+    allow_plain = parse_networks(
+        _strings(top, "allow_plaintext_from", []), f"{source}: allow_plaintext_from"
+    )
+    trusted = parse_networks(_strings(top, "trusted_networks", []), f"{source}: trusted_networks")
+
+    tls = top.sub("tls")
+    cert = tls.take("cert", str, None)
+    key = tls.take("key", str, None)
+    tls.done()
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{source}: tls: give both cert and key, or neither")
+
+    listeners: list[Listener] = []
+    raw_listeners = top.take("listeners", list, None)
+    if raw_listeners is not None:
+        for i, item in enumerate(raw_listeners):
+            if not isinstance(item, dict):
+                raise ConfigError(f"{source}: listeners[{i}]: expected a table")
+            sec = _Section(source, f"listeners[{i}].", item)
+            proto = sec.choice("protocol", PROTOCOLS, "")
+            endpoint = sec.take("endpoint", str, "")
+            if not endpoint:
+                raise sec.error("endpoint", "required (a Twisted endpoint string)")
+            mode = sec.choice("tls", TLS_MODES, "starttls")
+            sec.done()
+            listeners.append(Listener(proto, endpoint, mode))
+
+    pop3 = top.sub("pop3")
+    pop3_cfg = Pop3Config(timeout=pop3.positive("timeout", 600, minimum=600))
+    pop3.done()
+
+    smtp = top.sub("smtp")
+    smtp_cfg = SmtpConfig(
+        timeout=smtp.positive("timeout", 600, minimum=300),
+        max_size=int(smtp.positive("max_size", 26214400, minimum=1024)),
+        max_recipients=int(smtp.positive("max_recipients", 100, minimum=100)),
+        bare_newline=smtp.choice("bare_newline", ("normalize", "reject"), "normalize"),
+        long_lines=smtp.choice("long_lines", ("reject", "accept"), "reject"),
+        require_tls=smtp.take("require_tls", bool, True),
+        smtputf8=smtp.take("smtputf8", bool, False),
+    )
+    smtp.done()
+
+    auth = top.sub("auth")
+    auth_cfg = AuthConfig(max_failures=int(auth.positive("max_failures", 3)))
+    auth.done()
+    top.done()
+
+    def resolve(p: str | None) -> Path | None:
+        return None if p is None else (base_dir / p)
+
+    return Config(
+        state_dir=base_dir / state_dir,
+        hostname=hostname,
+        default_domain=default_domain,
+        local_domains=local_domains,
+        listeners=tuple(listeners) if raw_listeners is not None else defaults.listeners,
+        tls_cert=resolve(cert),
+        tls_key=resolve(key),
+        allow_plaintext_from=allow_plain,
+        trusted_networks=trusted,
+        pop3=pop3_cfg,
+        smtp=smtp_cfg,
+        auth=auth_cfg,
+        embedded_defaults=False,
+    )
+
+
+def _strings(sec: _Section, name: str, default: list[str]) -> list[str]:
+    values = sec.take(name, list, default)
+    if not all(isinstance(v, str) for v in values):
+        raise sec.error(name, "expected a list of strings")
+    return list(values)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a TOML file; None gives the embedded defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from e
+    return parse_config(data, str(p), p.resolve().parent)
+
+
+def with_overrides(
+    config: Config,
+    *,
+    state_dir: str | None = None,
+    listeners: Iterable[Listener] = (),
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    allow_plaintext_from: Iterable[str] = (),
+    hostname: str | None = None,
+    default_domain: str | None = None,
+) -> Config:
+    """Apply command-line options on top of a file's (or the embedded) configuration.
+
+    Listeners given on the command line replace the configured ones as a whole.
+    """
+    changes: dict[str, Any] = {}
+    if state_dir is not None:
+        changes["state_dir"] = Path(state_dir)
+    cli_listeners = tuple(listeners)
+    if cli_listeners:
+        changes["listeners"] = cli_listeners
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("command line: give both --tls-cert and --tls-key, or neither")
+    if tls_cert is not None and tls_key is not None:
+        changes["tls_cert"] = Path(tls_cert)
+        changes["tls_key"] = Path(tls_key)
+    nets = parse_networks(allow_plaintext_from, "command line: --allow-plaintext-from")
+    if nets:
+        changes["allow_plaintext_from"] = config.allow_plaintext_from + nets
+    if hostname is not None:
+        changes["hostname"] = hostname
+    if default_domain is not None:
+        changes["default_domain"] = _domain(default_domain, "command line: --default-domain")
+    return replace(config, **changes)

@@ -1,0 +1,10 @@
+"""twistd plugin: ``twistd mailgate``. Lazy, so listing plugins imports nothing heavy."""
+
+from twisted.application.service import ServiceMaker
+
+mailgate = ServiceMaker(
+    "mailgate",
+    "mailgate.tap",
+    "POP3 and SMTP submission gateway (STLS/STARTTLS, AUTH, Maildir)",
+    "mailgate",
+)
