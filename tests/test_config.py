@@ -1,0 +1,131 @@
+"""Config validation: every mistake is an error naming the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailgate.config import Config, Listener, load_config, network_predicate, with_overrides
+from mailgate.errors import ConfigError
+from mailgate.tap import Options
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "mailgate.toml"
+    p.write_text(text)
+    return p
+
+
+def test_embedded_defaults() -> None:
+    c = load_config(None)
+    assert c.embedded_defaults
+    assert [(x.name, x.endpoint) for x in c.listeners] == [
+        ("pop3", "tcp:1110:interface=127.0.0.1"),
+        ("pop3s", "tcp:1995:interface=127.0.0.1"),
+        ("submission", "tcp:1587:interface=127.0.0.1"),
+        ("submissions", "tcp:1465:interface=127.0.0.1"),
+    ]
+    assert c.allow_plaintext_from == ()
+    assert c.cert_path == Path("mailgate-data/tls/cert.pem")
+
+
+def test_full_file(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        """
+hostname = "mail.example.com"
+default_domain = "Example.COM"
+local_domains = ["example.org"]
+state_dir = "state"
+allow_plaintext_from = ["127.0.0.0/8"]
+
+[tls]
+cert = "c.pem"
+key = "k.pem"
+
+[[listeners]]
+protocol = "pop3"
+endpoint = "tcp:2110:interface=127.0.0.1"
+tls = "implicit"
+
+[smtp]
+max_size = 1048576
+bare_newline = "reject"
+""",
+    )
+    c = load_config(p)
+    assert not c.embedded_defaults
+    assert c.default_domain == "example.com"
+    assert c.all_local_domains == ("example.com", "example.org")
+    assert c.state_dir == tmp_path / "state"
+    assert c.cert_path == tmp_path / "c.pem"
+    assert c.listeners == (Listener("pop3", "tcp:2110:interface=127.0.0.1", "implicit"),)
+    assert c.smtp.max_size == 1048576
+    assert c.smtp.bare_newline == "reject"
+    assert network_predicate(c.allow_plaintext_from)("127.0.0.1")
+    assert not network_predicate(c.allow_plaintext_from)("10.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("colour = 1", "colour: unknown key"),
+        ("[smtp]\nmax_sise = 5", "smtp.max_sise: unknown key"),
+        ("[smtp]\nmax_size = 'big'", "smtp.max_size: expected"),
+        ("[smtp]\nbare_newline = 'maybe'", "smtp.bare_newline: must be one of"),
+        ("[pop3]\ntimeout = 30", "pop3.timeout: must be at least 600"),
+        ("[smtp]\nrequire_tls = 1", "smtp.require_tls: expected bool"),
+        ("[[listeners]]\nprotocol = 'imap'\nendpoint = 'tcp:1'", "listeners[0].protocol"),
+        ("[[listeners]]\nprotocol = 'pop3'", "listeners[0].endpoint: required"),
+        ("allow_plaintext_from = ['nope']", "allow_plaintext_from"),
+        ("[tls]\ncert = 'x.pem'", "tls: give both"),
+        ("default_domain = 'bad domain'", "default_domain"),
+        ("this is = not toml", "not valid TOML"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, text: str, fragment: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value)
+    assert fragment in str(e.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_command_line_overrides() -> None:
+    o = Options()
+    o.parseOptions(
+        [
+            "--state-dir",
+            "/tmp/x",
+            "--pop3",
+            "tcp:0",
+            "--submissions",
+            "tcp:0",
+            "--allow-plaintext-from",
+            "127.0.0.1/32",
+        ]
+    )
+    c = with_overrides(
+        Config(),
+        state_dir=o["state-dir"],
+        listeners=o["listeners"],
+        allow_plaintext_from=o["allow-plaintext-from"],
+    )
+    assert c.state_dir == Path("/tmp/x")
+    assert [x.name for x in c.listeners] == ["pop3", "submissions"]
+    assert network_predicate(c.allow_plaintext_from)("127.0.0.1")
+    assert not network_predicate(c.allow_plaintext_from)("127.0.0.2")
+
+
+def test_ipv4_mapped_peer_matches_ipv4_network() -> None:
+    pred = network_predicate(
+        with_overrides(Config(), allow_plaintext_from=["10.0.0.0/8"]).allow_plaintext_from
+    )
+    assert pred("::ffff:10.1.2.3")
+    assert not pred("garbage")
