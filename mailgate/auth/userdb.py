@@ -1,0 +1,264 @@
+"""The user database: a Dovecot passwd-file-like text file.
+
+One account per line, ``local@domain:{SCHEME}hash``; ``#`` comments and blank lines are
+allowed, and extra ``:``-separated fields after the hash are tolerated and written back
+unchanged. ``tomllib`` only reads, so accounts live here where the admin CLI can rewrite
+them atomically; the running server notices the change by a cheap stat at most once a
+second and reloads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailgate.errors import AddressError, UserDatabaseError
+from mailgate.interfaces import IUserDatabase
+from mailgate.model import Address, parse_account
+
+_log = Logger()
+
+RELOAD_INTERVAL = 1.0
+
+
+class UserExists(UserDatabaseError):
+    """``add`` of an account that is already there."""
+
+
+class NoSuchUser(UserDatabaseError):
+    """``set_hash``/``delete`` of an account that is not there."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One account line, keeping its original spelling and extra fields for rewriting."""
+
+    address: Address
+    name: str
+    password_hash: str
+    extra: tuple[str, ...]
+
+    def render(self) -> str:
+        return ":".join((self.name, self.password_hash, *self.extra))
+
+
+_Line = _Entry | str  # a str is a comment or blank line, kept verbatim
+_Lines = list[_Line]
+
+
+def parse_account_name(text: str) -> Address:
+    """A full ``local@domain`` account name; a bare name is refused (no default domain here)."""
+    if "@" not in text:
+        raise AddressError("account name has no domain")
+    return parse_account(text, default_domain="")
+
+
+def check_hash(password_hash: str) -> None:
+    """Refuse a hash that would break the file format or has no ``{SCHEME}`` prefix."""
+    if any(c in password_hash for c in ":\r\n\x00"):
+        raise UserDatabaseError("password hash contains a forbidden character")
+    end = password_hash.find("}")
+    if not password_hash.startswith("{") or end <= 1:
+        raise UserDatabaseError("password hash lacks a {SCHEME} prefix")
+
+
+def parse_lines(text: str, source: str) -> list[_Line]:
+    """Parse the whole file; any malformed line raises UserDatabaseError naming its number."""
+    lines: list[_Line] = []
+    seen: dict[Address, int] = {}
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.rstrip("\r")
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            lines.append(line)
+            continue
+        fields = line.split(":")
+        if len(fields) < 2:
+            raise UserDatabaseError(f"{source}:{number}: expected ADDRESS:{{SCHEME}}HASH")
+        name, password_hash, extra = fields[0], fields[1], tuple(fields[2:])
+        try:
+            address = parse_account_name(name)
+        except AddressError as e:
+            raise UserDatabaseError(f"{source}:{number}: bad account name ({e})") from None
+        try:
+            check_hash(password_hash)
+        except UserDatabaseError as e:
+            raise UserDatabaseError(f"{source}:{number}: {e}") from None
+        if address in seen:
+            raise UserDatabaseError(
+                f"{source}:{number}: duplicate account {address} (first on line {seen[address]})"
+            )
+        seen[address] = number
+        lines.append(_Entry(address, name, password_hash, extra))
+    # A trailing newline yields one empty last element; do not turn it into a blank line.
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+_AddressList = list[Address]
+_Signature = tuple[int, int, int, int] | None
+
+
+@implementer(IUserDatabase)
+class UserFile:
+    """Accounts read from ``path``, reloaded when the file changes.
+
+    ``clock`` (seconds, monotonic) is injectable so tests control the once-a-second stat.
+    A missing file is an empty database. A file broken by a hand edit after start-up is
+    logged and the previous accounts stay in force; at construction it raises.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], clock: Callable[[], float] | None = None):
+        self.path = os.fspath(path)
+        self._clock = clock or time.monotonic
+        self._lines: _Lines = []
+        self._by_address: dict[Address, _Entry] = {}
+        self._signature: _Signature = None
+        self._checked_at = self._clock()
+        self._load(strict=True)
+
+    # -- IUserDatabase -------------------------------------------------------------------
+
+    def get_password_hash(self, address: Address) -> str | None:
+        self._maybe_reload()
+        entry = self._by_address.get(address)
+        return entry.password_hash if entry else None
+
+    def exists(self, address: Address) -> bool:
+        self._maybe_reload()
+        return address in self._by_address
+
+    # -- administration (the CLI) --------------------------------------------------------
+
+    def list(self) -> _AddressList:
+        """Every account, sorted by its ``local@domain`` text."""
+        self._load(strict=True)
+        return sorted(self._by_address, key=str)
+
+    def add(self, address: Address, password_hash: str) -> None:
+        """Append a new account; UserExists if it is already there."""
+        check_hash(password_hash)
+        with self._locked():
+            self._load(strict=True)
+            if address in self._by_address:
+                raise UserExists(f"user {address} already exists")
+            self._write([*self._lines, _Entry(address, str(address), password_hash, ())])
+
+    def set_hash(self, address: Address, password_hash: str) -> None:
+        """Replace an account's hash, keeping its line, spelling and extra fields."""
+        check_hash(password_hash)
+        with self._locked():
+            self._load(strict=True)
+            if address not in self._by_address:
+                raise NoSuchUser(f"no such user {address}")
+            self._write(
+                [
+                    _Entry(ln.address, ln.name, password_hash, ln.extra)
+                    if isinstance(ln, _Entry) and ln.address == address
+                    else ln
+                    for ln in self._lines
+                ]
+            )
+
+    def delete(self, address: Address) -> None:
+        """Remove an account's line."""
+        with self._locked():
+            self._load(strict=True)
+            if address not in self._by_address:
+                raise NoSuchUser(f"no such user {address}")
+            self._write(
+                [ln for ln in self._lines if not (isinstance(ln, _Entry) and ln.address == address)]
+            )
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _stat_signature(self) -> _Signature:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        # The inode changes on every atomic rewrite, even within one mtime tick.
+        return (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
+
+    def _maybe_reload(self) -> None:
+        now = self._clock()
+        if now - self._checked_at < RELOAD_INTERVAL:
+            return
+        self._checked_at = now
+        if self._stat_signature() != self._signature:
+            self._load(strict=False)
+
+    def _load(self, strict: bool) -> None:
+        signature = self._stat_signature()
+        try:
+            if signature is None:
+                text = ""
+            else:
+                with open(self.path, "rb") as f:
+                    text = f.read().decode("utf-8")
+            lines = parse_lines(text, self.path)
+        except (OSError, UnicodeDecodeError, UserDatabaseError) as e:
+            # Remember the broken version so it is not re-parsed every second.
+            self._signature = signature
+            if isinstance(e, UnicodeDecodeError):
+                e = UserDatabaseError(f"{self.path}: not valid UTF-8")
+            elif isinstance(e, OSError):
+                e = UserDatabaseError(f"{self.path}: cannot read ({e.strerror})")
+            if strict:
+                raise e from None
+            _log.error("user database not reloaded, keeping previous accounts: {error}", error=e)
+            return
+        self._signature = signature
+        self._lines = lines
+        self._by_address = {ln.address: ln for ln in lines if isinstance(ln, _Entry)}
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise read-modify-write between concurrent CLI runs."""
+        try:
+            fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise UserDatabaseError(f"{self.path}: cannot lock ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _write(self, lines: _Lines) -> None:
+        """Write atomically: temp file in the same directory, fsync, rename, fsync the dir."""
+        text = "".join((ln.render() if isinstance(ln, _Entry) else ln) + "\n" for ln in lines)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        tmp_path: str | None = None
+        try:
+            fd, tmp_path = tempfile.mkstemp(
+                prefix="." + os.path.basename(self.path) + ".", suffix=".tmp", dir=directory
+            )
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o600)
+                f.write(text.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_path, self.path)
+            tmp_path = None
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            raise UserDatabaseError(f"{self.path}: cannot write ({e.strerror})") from None
+        finally:
+            if tmp_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_path)
+        self._load(strict=True)
