@@ -1,0 +1,693 @@
+"""The POP3 server protocol (RFC 1939, 2449, 2595, 3206, 5034) and its factory.
+
+The protocol is a thin adapter: framing and formatting live in :mod:`._grammar`, logins go
+only through the cred portal, and the mailbox is an opaque :class:`IMaildrop` avatar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import IO, Any, cast
+
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.error import LoginFailed
+from twisted.cred.portal import Portal
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IDelayedCall,
+    IOpenSSLServerConnectionCreator,
+    IPullProducer,
+    IReactorTime,
+    ITLSTransport,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailgate import sasl
+from mailgate.errors import MaildropInUse, MaildropUnavailable
+from mailgate.interfaces import IMaildrop
+from mailgate.model import MessageInfo
+from mailgate.pop3._grammar import (
+    MAX_AUTH_LINE,
+    MAX_COMMAND_LINE,
+    Command,
+    LineFramer,
+    Pop3SyntaxError,
+    ResponseCode,
+    TopLimiter,
+    capabilities,
+    continuation,
+    echo,
+    err,
+    multiline,
+    ok,
+    parse_command,
+    parse_line_count,
+    parse_message_number,
+)
+from mailgate.wire import WireEncoder
+
+log = Logger()
+
+PLAINTEXT_DISALLOWED = "Plaintext authentication disallowed on non-secure connection"
+#: Bytes read from a message per producer step.
+CHUNK_SIZE = 65536
+#: Unprocessed input we buffer while busy before we stop reading from the socket.
+MAX_BACKLOG = 65536
+
+
+def _never(host: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Pop3Settings:
+    """Per-listener POP3 policy, built by the composition root from the configuration."""
+
+    hostname: str
+    #: Autologout after this many idle seconds (the config enforces the RFC 1939 floor).
+    timeout: float = 600
+    #: An IOpenSSLServerConnectionCreator / CertificateOptions, None when TLS is not set up.
+    tls_context: object | None = None
+    #: The listener is POP3S: TLS from the first byte, STLS never offered nor accepted.
+    implicit_tls: bool = False
+    #: Given the peer's IP, may cleartext logins (USER/PASS, PLAIN, LOGIN) be used without TLS?
+    allow_plaintext: Callable[[str], bool] = _never
+    #: Failed logins tolerated in one session before the connection is closed.
+    max_failures: int = 3
+    #: Shown in CAPA IMPLEMENTATION, after login only.
+    implementation: str = "mailgate"
+
+
+class State(Enum):
+    """Where a session is; only the handler table decides what each state accepts."""
+
+    AUTHORIZATION = auto()
+    SASL = auto()  # an AUTH exchange waits for a continuation line
+    TRANSACTION = auto()
+    UPDATE = auto()  # QUIT in TRANSACTION: the commit is running
+    CLOSED = auto()
+
+
+@implementer(IPullProducer)
+class MessageStream:
+    """Streams one message (RETR) or its top (TOP) to the transport in bounded chunks.
+
+    A pull producer: the transport asks for the next chunk only when its buffer drained,
+    so a large message never sits in memory. The status line rides in the first write and
+    the terminating ``.`` in the last.
+    """
+
+    def __init__(
+        self,
+        source: IO[bytes],
+        status: bytes,
+        consumer: IConsumer,
+        top_lines: int | None,
+        done: Callable[[bool], None],
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        self._source = source
+        self._prefix = status
+        self._consumer = consumer
+        self._encoder = WireEncoder(stuff=True)
+        self._limiter = TopLimiter(top_lines) if top_lines is not None else None
+        self._done = done
+        self._chunk_size = chunk_size
+        self._finished = False
+
+    def resumeProducing(self) -> None:
+        if self._finished:
+            return
+        try:
+            data = self._source.read(self._chunk_size)
+            eof = not data
+            if data and len(data) < self._chunk_size:
+                # A short read is usually the end; look once more so "." joins this write.
+                extra = self._source.read(self._chunk_size)
+                eof = not extra
+                data += extra
+            out = self._encoder.feed(data) if data else b""
+            if self._limiter is not None:
+                out = self._limiter.feed(out)
+                if self._limiter.done:
+                    eof = True
+            if eof:
+                if self._limiter is None:
+                    out += self._encoder.finish()
+                elif not self._limiter.done:
+                    out += self._limiter.feed(self._encoder.finish())
+                out += b".\r\n"
+        except Exception:
+            log.failure("POP3 could not read a message while sending it")
+            self._finish(False)
+            return
+        payload = self._prefix + out
+        self._prefix = b""
+        if payload:
+            self._consumer.write(payload)
+        if eof:
+            self._finish(True)
+
+    def stopProducing(self) -> None:
+        """The connection went away: just let go of the file."""
+        if not self._finished:
+            self._finished = True
+            self._source.close()
+
+    def _finish(self, success: bool) -> None:
+        self._finished = True
+        self._source.close()
+        self._consumer.unregisterProducer()
+        self._done(success)
+
+
+Handler = Callable[["Pop3Server", Command], None]
+
+
+class Pop3Server(Protocol, TimeoutMixin):
+    """One POP3 session.
+
+    Input is framed by our own :class:`LineFramer` rather than LineReceiver: we need a
+    bounded discard of over-long lines without disconnecting, a longer limit for AUTH,
+    queueing of pipelined lines while a login or a RETR is in progress, and dropping every
+    byte pipelined after STLS.
+    """
+
+    def __init__(self, portal: Portal, settings: Pop3Settings, clock: IReactorTime) -> None:
+        self.portal = portal
+        self.settings = settings
+        self._clock = clock
+        self.state = State.AUTHORIZATION
+        self._framer = LineFramer(MAX_AUTH_LINE)
+        self._busy = False  # a login, a stream or the UPDATE commit is in progress
+        self._processing = False  # _process is on the stack (guards re-entrance)
+        self._reading_paused = False
+        self._tls = settings.implicit_tls
+        self._plaintext_here = False
+        self._peer = ""
+        self._user: bytes | None = None
+        self._mechanism: sasl.Mechanism | None = None
+        self._failures = 0
+        self._maildrop: IMaildrop | None = None
+        self._logout: Callable[[], None] | None = None
+        self._login_name = ""
+        self._messages: Sequence[MessageInfo] = ()
+        self._deleted: set[int] = set()
+        self._stream: MessageStream | None = None
+
+    # -- transport plumbing ---------------------------------------------------------------
+
+    def callLater(self, period: float, func: Callable[[], None]) -> IDelayedCall:
+        """TimeoutMixin's hook: run timers on the injected clock."""
+        return self._clock.callLater(period, func)
+
+    def _set_timeout(self, period: float | None) -> None:
+        self.setTimeout(period)  # type: ignore[no-untyped-call]
+
+    @property
+    def _transport(self) -> ITransport:
+        assert self.transport is not None
+        return self.transport
+
+    def _send(self, data: bytes) -> None:
+        """Every reply leaves in exactly one write."""
+        if self.state is not State.CLOSED:
+            self._transport.write(data)
+
+    def _close(self) -> None:
+        self.state = State.CLOSED
+        self._transport.loseConnection()
+
+    def connectionMade(self) -> None:
+        transport = self._transport
+        nodelay = getattr(transport, "setTcpNoDelay", None)
+        if callable(nodelay):
+            try:
+                nodelay(True)
+            except Exception:
+                pass  # not a TCP socket underneath (e.g. in-memory); nothing to tune
+        peer = transport.getPeer()
+        host = getattr(peer, "host", "")
+        self._peer = f"{host}:{getattr(peer, 'port', '')}"
+        self._plaintext_here = bool(self.settings.allow_plaintext(str(host)))
+        self._set_timeout(self.settings.timeout)
+        log.debug("POP3 connection from {peer}", peer=self._peer)
+        self._send(ok(f"{self.settings.hostname} POP3 server ready"))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state is State.CLOSED:
+            return
+        self._framer.feed(data)
+        if self._busy and self._framer.buffered > MAX_BACKLOG and not self._reading_paused:
+            pause = getattr(self.transport, "pauseProducing", None)
+            if callable(pause):
+                self._reading_paused = True
+                pause()
+        self._process()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        previous = self.state
+        self.state = State.CLOSED
+        self._set_timeout(None)
+        if self._stream is not None:
+            self._stream.stopProducing()
+            self._stream = None
+        if self._logout is not None and previous is not State.UPDATE:
+            # Dropped, timed out or shut down: no UPDATE, just let go of the lock.
+            self._logout()
+        self._logout = None
+        self._maildrop = None
+        log.info(
+            "POP3 session ended for {peer} (user {login!r}, {how})",
+            peer=self._peer,
+            login=self._login_name or None,
+            how="QUIT" if previous is State.UPDATE else "no UPDATE",
+        )
+
+    def timeoutConnection(self) -> None:
+        """Autologout: close without a reply and without UPDATE (connectionLost releases)."""
+        log.info("POP3 autologout of {peer}", peer=self._peer)
+        self._close()
+
+    # -- line processing ------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Handle buffered lines in order until one of them makes the session busy."""
+        if self._processing:
+            return  # the loop further up the stack will continue
+        self._processing = True
+        try:
+            while not self._busy and self.state is not State.CLOSED:
+                item = self._framer.next_line()
+                if item is None:
+                    break
+                self.resetTimeout()  # type: ignore[no-untyped-call]
+                self._line(item)
+        finally:
+            self._processing = False
+        if self._reading_paused and not self._busy and self.state is not State.CLOSED:
+            self._reading_paused = False
+            resume = getattr(self.transport, "resumeProducing", None)
+            if callable(resume):
+                resume()
+
+    def _line(self, item: bytes | object) -> None:
+        if self.state is State.SASL:
+            if not isinstance(item, bytes):
+                self._end_sasl()
+                self._send(err("Authentication line too long"))
+                return
+            self._sasl_continue(item)
+            return
+        if not isinstance(item, bytes) or (
+            len(item) + 2 > MAX_COMMAND_LINE and item.split(b" ", 1)[0].upper() != b"AUTH"
+        ):
+            self._send(err("Command line too long"))
+            return
+        try:
+            command = parse_command(item)
+        except Pop3SyntaxError as e:
+            self._send(err(e.reply))
+            return
+        handler = _HANDLERS.get((self.state, command.verb))
+        if command.verb != "PASS":
+            self._user = None  # PASS must come immediately after USER
+        if handler is None:
+            if command.verb in _KNOWN_VERBS:
+                self._send(err("Command not valid in this state"))
+            else:
+                self._send(err(f"Unknown command: {echo(command.verb.encode('ascii'))}"))
+            return
+        try:
+            handler(self, command)
+        except Pop3SyntaxError as e:
+            self._send(err(e.reply))
+        except Exception:
+            log.failure("POP3 handler for {verb} failed", verb=command.verb)
+            self._send(err("Internal server error", ResponseCode.SYS_TEMP))
+
+    # -- AUTHORIZATION --------------------------------------------------------------------
+
+    def _plaintext_ok(self) -> bool:
+        return self._tls or self._plaintext_here
+
+    def _mechanisms(self) -> list[str]:
+        plain = self._plaintext_ok()
+        return [name for name, cls in sasl.MECHANISMS.items() if plain or not cls.plaintext]
+
+    def _stls_available(self) -> bool:
+        return (
+            self.settings.tls_context is not None
+            and not self.settings.implicit_tls
+            and not self._tls
+            and ITLSTransport.providedBy(self.transport)
+        )
+
+    def _do_capa(self, command: Command) -> None:
+        if command.args():
+            raise Pop3SyntaxError("CAPA takes no argument")
+        tags = capabilities(
+            plaintext_ok=self._plaintext_ok(),
+            mechanisms=self._mechanisms(),
+            stls=self._stls_available(),
+            implementation=(
+                self.settings.implementation if self.state is State.TRANSACTION else None
+            ),
+        )
+        self._send(multiline(ok("Capability list follows"), tags))
+
+    def _do_user(self, command: Command) -> None:
+        if not self._plaintext_ok():
+            self._send(err(PLAINTEXT_DISALLOWED, ResponseCode.AUTH))
+            return
+        args = command.args()
+        if len(args) != 1:
+            raise Pop3SyntaxError("USER takes exactly one argument")
+        self._user = args[0]
+        self._send(ok("Send your password"))
+
+    def _do_pass(self, command: Command) -> None:
+        user, self._user = self._user, None
+        if not self._plaintext_ok():
+            self._send(err(PLAINTEXT_DISALLOWED, ResponseCode.AUTH))
+            return
+        if user is None:
+            raise Pop3SyntaxError("USER first")
+        if not command.rest:
+            raise Pop3SyntaxError("PASS needs a password")
+        self._login(UsernamePassword(user, command.rest))
+
+    def _do_auth(self, command: Command) -> None:
+        args = command.args()
+        if not args:
+            names = [n.encode("ascii") for n in self._mechanisms()]
+            self._send(multiline(ok("Supported mechanisms follow"), names))
+            return
+        if len(args) > 2:
+            raise Pop3SyntaxError("AUTH takes a mechanism and an optional initial response")
+        mechanism = sasl.mechanism(args[0].decode("ascii", "replace"))
+        if mechanism is None:
+            raise Pop3SyntaxError("Unrecognized authentication type")
+        if mechanism.plaintext and not self._plaintext_ok():
+            self._send(err(PLAINTEXT_DISALLOWED, ResponseCode.AUTH))
+            return
+        initial: bytes | None = None
+        if len(args) == 2:
+            try:
+                initial = sasl.decode_response(args[1])
+            except sasl.Cancelled:
+                raise Pop3SyntaxError("Authentication cancelled") from None
+            except sasl.Base64Error:
+                raise Pop3SyntaxError("Invalid base64 data") from None
+        self._sasl_step(mechanism, lambda: mechanism.start(initial))
+
+    def _sasl_continue(self, line: bytes) -> None:
+        mechanism = self._mechanism
+        assert mechanism is not None
+        try:
+            data = sasl.decode_response(line)
+        except sasl.Cancelled:
+            self._end_sasl()
+            self._send(err("Authentication cancelled"))
+            return
+        except sasl.Base64Error:
+            self._end_sasl()
+            self._send(err("Invalid base64 data"))
+            return
+        self._sasl_step(mechanism, lambda: mechanism.step(data))
+
+    def _sasl_step(
+        self,
+        mechanism: sasl.Mechanism,
+        step: Callable[[], sasl.Challenge | IUsernamePassword],
+    ) -> None:
+        try:
+            result = step()
+        except sasl.SaslError:
+            self._end_sasl()
+            self._credential_failure(b"")
+            return
+        if isinstance(result, sasl.Challenge):
+            self._mechanism = mechanism
+            self.state = State.SASL
+            self._send(continuation(sasl.encode_challenge(result.data)))
+            return
+        self._end_sasl()
+        self._login(result)
+
+    def _end_sasl(self) -> None:
+        self._mechanism = None
+        if self.state is State.SASL:
+            self.state = State.AUTHORIZATION
+
+    def _do_stls(self, command: Command) -> None:
+        if command.args():
+            raise Pop3SyntaxError("STLS takes no argument")
+        if self._tls:
+            self._send(err("Command not permitted when TLS active"))
+            return
+        if not self._stls_available():
+            self._send(err("TLS not available"))
+            return
+        self._send(ok("Begin TLS negotiation"))
+        # Whatever was pipelined after STLS arrived in plaintext: it must never be obeyed.
+        self._framer.clear()
+        self._user = None
+        self._tls = True
+        context = cast(IOpenSSLServerConnectionCreator, self.settings.tls_context)
+        cast(ITLSTransport, self.transport).startTLS(context)
+
+    def _do_quit_authorization(self, command: Command) -> None:
+        self._send(ok(f"{self.settings.hostname} signing off"))
+        self._close()
+
+    # -- login through the portal ---------------------------------------------------------
+
+    def _login(self, credentials: IUsernamePassword) -> None:
+        name = credentials.username.decode("utf-8", "replace")
+        self._busy = True
+        d = self.portal.login(credentials, None, IMaildrop)
+        d.addCallbacks(
+            self._logged_in, self._login_failed, callbackArgs=(name,), errbackArgs=(name,)
+        )
+        d.addErrback(lambda f: log.failure("POP3 login handling failed", f))
+
+    def _logged_in(self, result: tuple[Any, Any, Callable[[], None]], name: str) -> None:
+        _, avatar, logout = result
+        if self.state is State.CLOSED:
+            logout()  # the client left while we were logging it in
+            return
+        self._maildrop = cast(IMaildrop, avatar)
+        self._logout = logout
+        self._login_name = name
+        self._messages = list(self._maildrop.messages)
+        self._deleted = set()
+        self.state = State.TRANSACTION
+        self._busy = False
+        log.info("POP3 login {login!r} from {peer}", login=name, peer=self._peer)
+        count, octets = self._totals()
+        self._send(ok(f"maildrop has {count} messages ({octets} octets)"))
+        self._process()
+
+    def _login_failed(self, failure: Failure, name: str) -> None:
+        if self.state is State.CLOSED:
+            return
+        self._busy = False
+        if isinstance(failure.value, LoginFailed):
+            log.warn("POP3 failed login {login!r} from {peer}", login=name, peer=self._peer)
+            self._credential_failure(name.encode("utf-8"))
+        elif isinstance(failure.value, MaildropInUse):
+            log.info("POP3 maildrop of {login!r} in use", login=name)
+            self._send(err("Maildrop already locked by another session", ResponseCode.IN_USE))
+        elif isinstance(failure.value, MaildropUnavailable):
+            log.failure("POP3 maildrop of {login!r} unavailable", failure, login=name)
+            self._send(err("Maildrop temporarily unavailable", ResponseCode.SYS_TEMP))
+        else:
+            log.failure("POP3 login of {login!r} failed unexpectedly", failure, login=name)
+            self._send(err("Temporary server failure", ResponseCode.SYS_TEMP))
+        self._process()
+
+    def _credential_failure(self, name: bytes) -> None:
+        """Reply to a failed login; too many of them in one session end it."""
+        self._failures += 1
+        self._send(err("Authentication failed", ResponseCode.AUTH))
+        if self._failures >= self.settings.max_failures:
+            log.warn("POP3 too many failed logins from {peer}, closing", peer=self._peer)
+            self._close()
+
+    # -- TRANSACTION ----------------------------------------------------------------------
+
+    def _totals(self) -> tuple[int, int]:
+        live = [m for i, m in enumerate(self._messages) if i not in self._deleted]
+        return len(live), sum(m.size for m in live)
+
+    def _index(self, arg: bytes) -> int:
+        index = parse_message_number(arg, len(self._messages))
+        if index in self._deleted:
+            raise Pop3SyntaxError(f"Message {index + 1} already deleted")
+        return index
+
+    def _do_stat(self, command: Command) -> None:
+        if command.args():
+            raise Pop3SyntaxError("STAT takes no argument")
+        count, octets = self._totals()
+        self._send(ok(f"{count} {octets}"))
+
+    def _scan(self, command: Command, value: Callable[[MessageInfo], str]) -> None:
+        args = command.args()
+        if len(args) > 1:
+            raise Pop3SyntaxError("Too many arguments")
+        if args:
+            index = self._index(args[0])
+            self._send(ok(f"{index + 1} {value(self._messages[index])}"))
+            return
+        lines = [
+            f"{i + 1} {value(m)}".encode("ascii")
+            for i, m in enumerate(self._messages)
+            if i not in self._deleted
+        ]
+        self._send(multiline(ok(f"{len(lines)} messages"), lines))
+
+    def _do_list(self, command: Command) -> None:
+        self._scan(command, lambda m: str(m.size))
+
+    def _do_uidl(self, command: Command) -> None:
+        self._scan(command, lambda m: m.uid)
+
+    def _do_retr(self, command: Command) -> None:
+        args = command.args()
+        if len(args) != 1:
+            raise Pop3SyntaxError("RETR takes one message number")
+        index = self._index(args[0])
+        self._start_stream(index, None, ok(f"{self._messages[index].size} octets"))
+
+    def _do_top(self, command: Command) -> None:
+        args = command.args()
+        if len(args) != 2:
+            raise Pop3SyntaxError("TOP takes a message number and a line count")
+        index = self._index(args[0])
+        lines = parse_line_count(args[1])
+        self._start_stream(index, lines, ok("Top of message follows"))
+
+    def _start_stream(self, index: int, top_lines: int | None, status: bytes) -> None:
+        assert self._maildrop is not None
+        try:
+            source = self._maildrop.open_message(index)
+        except Exception:
+            log.failure("POP3 could not open message {n}", n=index + 1)
+            self._send(err("Message temporarily unavailable", ResponseCode.SYS_TEMP))
+            return
+        self._busy = True
+        self._set_timeout(None)  # our own long response must not count as client idleness
+        consumer = cast(IConsumer, self.transport)
+        self._stream = MessageStream(source, status, consumer, top_lines, self._stream_done)
+        consumer.registerProducer(self._stream, False)
+
+    def _stream_done(self, success: bool) -> None:
+        self._stream = None
+        if self.state is State.CLOSED:
+            return
+        if not success:
+            # Part of the message is on the wire already; no honest reply is possible.
+            self._close()
+            return
+        self._busy = False
+        self._set_timeout(self.settings.timeout)
+        self._process()
+
+    def _do_dele(self, command: Command) -> None:
+        args = command.args()
+        if len(args) != 1:
+            raise Pop3SyntaxError("DELE takes one message number")
+        index = self._index(args[0])
+        self._deleted.add(index)
+        self._send(ok(f"Message {index + 1} deleted"))
+
+    def _do_noop(self, command: Command) -> None:
+        if command.args():
+            raise Pop3SyntaxError("NOOP takes no argument")
+        self._send(ok())
+
+    def _do_rset(self, command: Command) -> None:
+        if command.args():
+            raise Pop3SyntaxError("RSET takes no argument")
+        self._deleted.clear()
+        count, octets = self._totals()
+        self._send(ok(f"maildrop has {count} messages ({octets} octets)"))
+
+    def _do_quit_transaction(self, command: Command) -> None:
+        maildrop = self._maildrop
+        assert maildrop is not None
+        self.state = State.UPDATE
+        self._busy = True
+        deleted = sorted(self._deleted)
+        d = maybeDeferred(maildrop.commit, deleted)
+
+        def committed(not_removed: int) -> None:
+            if not_removed:
+                log.warn(
+                    "POP3 UPDATE for {login!r}: {n} messages not removed",
+                    login=self._login_name,
+                    n=not_removed,
+                )
+                self._reply_and_close(err("some deleted messages not removed"))
+            else:
+                self._reply_and_close(ok(f"{self.settings.hostname} signing off"))
+
+        def failed(failure: Failure) -> None:
+            log.failure("POP3 UPDATE for {login!r} failed", failure, login=self._login_name)
+            maildrop.release()
+            self._reply_and_close(err("some deleted messages not removed"))
+
+        d.addCallbacks(committed, failed)
+
+    def _reply_and_close(self, reply: bytes) -> None:
+        self._logout = None  # commit (or the explicit release) has let go of the lock
+        if self.state is State.UPDATE:
+            self._transport.write(reply)
+            self._close()
+
+
+_HANDLERS: dict[tuple[State, str], Handler] = {
+    (State.AUTHORIZATION, "CAPA"): Pop3Server._do_capa,
+    (State.AUTHORIZATION, "USER"): Pop3Server._do_user,
+    (State.AUTHORIZATION, "PASS"): Pop3Server._do_pass,
+    (State.AUTHORIZATION, "AUTH"): Pop3Server._do_auth,
+    (State.AUTHORIZATION, "STLS"): Pop3Server._do_stls,
+    (State.AUTHORIZATION, "QUIT"): Pop3Server._do_quit_authorization,
+    (State.TRANSACTION, "CAPA"): Pop3Server._do_capa,
+    (State.TRANSACTION, "STAT"): Pop3Server._do_stat,
+    (State.TRANSACTION, "LIST"): Pop3Server._do_list,
+    (State.TRANSACTION, "RETR"): Pop3Server._do_retr,
+    (State.TRANSACTION, "DELE"): Pop3Server._do_dele,
+    (State.TRANSACTION, "NOOP"): Pop3Server._do_noop,
+    (State.TRANSACTION, "RSET"): Pop3Server._do_rset,
+    (State.TRANSACTION, "TOP"): Pop3Server._do_top,
+    (State.TRANSACTION, "UIDL"): Pop3Server._do_uidl,
+    (State.TRANSACTION, "QUIT"): Pop3Server._do_quit_transaction,
+}
+#: Verbs we know but refuse in the current state (vs. "Unknown command").
+_KNOWN_VERBS = frozenset(verb for _, verb in _HANDLERS) | {"APOP"}
+
+
+class Pop3Factory(ServerFactory):
+    """Builds :class:`Pop3Server` sessions sharing one portal, policy and clock."""
+
+    def __init__(self, portal: Portal, settings: Pop3Settings, clock: IReactorTime) -> None:
+        self.portal = portal
+        self.settings = settings
+        self.clock = clock
+
+    def buildProtocol(self, addr: IAddress | None) -> Pop3Server:
+        protocol = Pop3Server(self.portal, self.settings, self.clock)
+        protocol.factory = self
+        return protocol
