@@ -67,7 +67,10 @@ def mailgate_imports(path: Path) -> set[str]:
         elif (
             isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mailgate")
         ):
-            found.add(node.module)
+            if node.module == "mailgate":
+                found.update(f"mailgate.{a.name}" for a in node.names)
+            else:
+                found.add(node.module)
     return found
 
 
