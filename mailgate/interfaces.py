@@ -97,3 +97,19 @@ class IMailStore(Interface):
 
     def open_delivery(envelope: Envelope) -> IMessageSink:
         """Start a message to be delivered to the (local) recipients of ``envelope``."""
+
+
+class IOutboundQueue(Interface):
+    """The durable spool of messages for remote recipients (the Postfix queue model)."""
+
+    def open_message(envelope: Envelope) -> IMessageSink:
+        """Spool one message; its finish() fires only once message and envelope are fsynced."""
+
+
+class IRelay(Interface):
+    """Transmits one spooled message to the next hop (a smarthost or the domain's MX)."""
+
+    def deliver(
+        sender: Address | None, recipients: Sequence[Address], open_message: Callable[[], IO[bytes]]
+    ) -> Deferred[Sequence[Any]]:
+        """Try every recipient; fire with one result per recipient (delivered/temp/perm)."""
