@@ -1,0 +1,7 @@
+"""SMTP submission (RFC 6409) on ports 587 (STARTTLS) and 465 (implicit TLS)."""
+
+from __future__ import annotations
+
+from mailgate.smtp.server import SmtpFactory, SmtpServer, SmtpSettings
+
+__all__ = ["SmtpFactory", "SmtpServer", "SmtpSettings"]

@@ -1,0 +1,845 @@
+"""The SMTP submission protocol (RFC 6409) and its factory.
+
+A thin adapter: command parsing lives in :mod:`mailgate.smtp._grammar`, the DATA stream in
+:mod:`mailgate.dataread`, header fixing in :mod:`mailgate.headers`. The protocol learns who
+the client is only through ``portal.login(credentials, None, ISubmission)`` (or the
+``anonymous`` avatar for trusted networks) and acts only through that avatar.
+
+Input handling is our own loop over LineReceiver's buffer rather than LineReceiver's, because
+three things must hold that LineReceiver does not give: an over-long line is discarded up to
+its CRLF without losing the commands after it; a reply that waits on a Deferred (AUTH, the
+final "." of DATA) holds back every later pipelined line; and STARTTLS drops every octet the
+client pipelined after it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import LoginFailed, UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITLSTransport
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from mailgate import sasl
+from mailgate.dataread import BareNewline, DataReader, DataStatus, LongLines
+from mailgate.errors import DeliveryError, RelayDenied, SenderNotOwned, UnknownRecipient
+from mailgate.headers import (
+    MAX_HEADER_BYTES,
+    MAX_HEADER_LINES,
+    HeaderBlock,
+    HeaderSplitter,
+    HeaderTooLarge,
+    ReceivedInfo,
+    fix_headers,
+    received_protocol,
+)
+from mailgate.interfaces import IMessageSink, ISubmission
+from mailgate.model import Address, Envelope
+from mailgate.smtp._grammar import (
+    MAX_AUTH_LINE,
+    MAX_COMMAND_LINE,
+    MailParams,
+    SmtpSyntaxError,
+    check_rcpt_params,
+    ehlo_reply,
+    parse_address,
+    parse_command,
+    parse_mail_params,
+    parse_path,
+    reply,
+)
+
+__all__ = ["SmtpFactory", "SmtpServer", "SmtpSettings", "State"]
+
+_log = Logger()
+T = TypeVar("T")
+
+#: While a reply waits on a Deferred, stop reading from the socket beyond this much input.
+_MAX_PENDING_INPUT = 256 * 1024
+#: Commands allowed before STARTTLS when TLS is required (RFC 3207 4).
+_BEFORE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"})
+
+
+def _nobody(peer_ip: str) -> bool:
+    """The default policy: no address gets the privilege."""
+    return False
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """Policy of one submission listener.
+
+    ``allow_plaintext(peer_ip)``: may AUTH PLAIN/LOGIN without TLS. ``trusted(peer_ip)``:
+    may submit without AUTH (needs the factory's ``anonymous``). Peers for which either is
+    true are also exempt from ``require_tls``; so is everyone on an implicit-TLS port.
+    """
+
+    hostname: str
+    default_domain: str
+    tls_context: object | None = None
+    implicit_tls: bool = False
+    timeout: float = 600
+    require_tls: bool = True
+    allow_plaintext: Callable[[str], bool] = _nobody
+    trusted: Callable[[str], bool] = _nobody
+    max_size: int = 26214400
+    max_recipients: int = 100
+    bare_newline: str = "normalize"
+    long_lines: str = "reject"
+    max_failures: int = 3
+    smtputf8: bool = False
+    max_header_lines: int = MAX_HEADER_LINES
+    max_header_bytes: int = MAX_HEADER_BYTES
+
+    def __post_init__(self) -> None:
+        BareNewline(self.bare_newline)  # ValueError on a bad policy name
+        LongLines(self.long_lines)
+        if self.max_size <= 0 or self.max_recipients <= 0 or self.max_failures <= 0:
+            raise ValueError("SMTP limits must be positive")
+
+
+class State(enum.Enum):
+    """Where the session is; together with the verb it picks the handler."""
+
+    INITIAL = "initial"  # connected, no EHLO/HELO yet
+    READY = "ready"  # greeted, no mail transaction
+    MAIL = "mail"  # MAIL FROM accepted
+    AUTH = "auth"  # inside a SASL exchange: lines are responses
+    DATA = "data"  # reading the message
+    CLOSED = "closed"
+
+
+_Handler = Callable[["SmtpServer", bytes], None]
+
+
+def _delivery_reply(e: DeliveryError) -> bytes:
+    """The wire reply for a refusal from the avatar (our own text, never Python's)."""
+    text = " ".join(e.text.split()) or "Rejected"
+    if isinstance(e, SenderNotOwned):
+        return reply(553, "5.7.1", text)
+    if isinstance(e, UnknownRecipient):
+        return reply(550, "5.1.1", text)
+    if isinstance(e, RelayDenied):
+        return reply(554, "5.7.1", text)
+    if not e.permanent:
+        return reply(451, "4.3.0", "Temporary failure, please try again later")
+    return reply(550, "5.7.1", text)
+
+
+class SmtpServer(LineReceiver, TimeoutMixin):
+    """One submission session."""
+
+    _table: ClassVar[dict[tuple[State, str], _Handler]] = {}
+    _known: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(
+        self,
+        portal: Portal,
+        settings: SmtpSettings,
+        clock: IReactorTime,
+        anonymous: Callable[[], ISubmission] | None = None,
+    ) -> None:
+        self._portal = portal
+        self._settings = settings
+        self._clock = clock
+        self._anonymous = anonymous
+        self.state = State.INITIAL
+        self._tls = settings.implicit_tls
+        self._peer_ip = "unknown"
+        self._helo: str | None = None
+        self._extended = False
+        self._busy = False
+        self._waiting = False
+        self._throttled = False
+        self._discarding: str | None = None
+        self._failures = 0
+        # Authentication
+        self._avatar: ISubmission | None = None
+        self._logout: Callable[[], None] | None = None
+        self._user: str | None = None
+        self._mech: sasl.Mechanism | None = None
+        # The mail transaction
+        self._sender: Address | None = None
+        self._params = MailParams()
+        self._recipients: list[Address] = []
+        # DATA
+        self._reader: DataReader | None = None
+        self._splitter: HeaderSplitter | None = None
+        self._sink: IMessageSink | None = None
+        self._data_failure: str | None = None
+
+    # -- connection ---------------------------------------------------------------------
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        """TimeoutMixin schedules on the injected clock, never the global reactor."""
+        return self._clock.callLater(period, func)
+
+    def _set_timeout(self, period: float | None) -> None:
+        self.setTimeout(period)  # type: ignore[no-untyped-call]
+
+    @property
+    def _transport(self) -> Any:
+        """The transport, whatever extra interfaces (TCP, TLS, producer) it provides."""
+        return self.transport
+
+    def connectionMade(self) -> None:
+        peer = self._transport.getPeer()
+        self._peer_ip = str(getattr(peer, "host", "unknown"))
+        set_no_delay = getattr(self._transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except Exception:
+                pass  # not a TCP socket underneath: nothing to tune
+        self._set_timeout(self._settings.timeout)
+        self._send(reply(220, None, f"{self._settings.hostname} ESMTP mailgate"))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.state = State.CLOSED
+        self._set_timeout(None)
+        self._abort_data()
+        self._drop_avatar()
+
+    def timeoutConnection(self) -> None:
+        _log.info("SMTP idle timeout peer={peer}", peer=self._peer_ip)
+        self._send(reply(421, "4.4.2", f"{self._settings.hostname} Error: timeout exceeded"))
+        self._close()
+
+    def _send(self, data: bytes) -> None:
+        """Every reply leaves in exactly one write."""
+        if self.state is not State.CLOSED:
+            self._transport.write(data)
+
+    def _close(self) -> None:
+        self._abort_data()
+        self.state = State.CLOSED
+        self._set_timeout(None)
+        self._transport.loseConnection()
+
+    # -- input loop ---------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.resetTimeout()  # type: ignore[no-untyped-call]
+        self._buffer += data
+        if self._waiting and len(self._buffer) > _MAX_PENDING_INPUT and not self._throttled:
+            self._throttled = True
+            self._transport.pauseProducing()
+        self._process()
+
+    def _process(self) -> None:
+        """Handle buffered input until more is needed or a reply is pending."""
+        if self._busy:
+            return  # the running loop picks up where this call would start
+        self._busy = True
+        try:
+            while self._buffer and not self._waiting and self.state is not State.CLOSED:
+                if self.state is State.DATA:
+                    chunk, self._buffer = self._buffer, b""
+                    self._data_chunk(chunk)
+                elif not self._next_line():
+                    break
+        finally:
+            self._busy = False
+        if self._throttled and not self._waiting and self.state is not State.CLOSED:
+            self._throttled = False
+            self._transport.resumeProducing()
+
+    def _line_kind(self, line: bytes) -> str:
+        if self.state is State.AUTH or line[:5].upper() in (b"AUTH", b"AUTH "):
+            return "auth"
+        return "command"
+
+    def _next_line(self) -> bool:
+        """Take one line from the buffer; False when no whole line is there yet."""
+        buf = self._buffer
+        end = buf.find(b"\r\n")
+        if self._discarding is not None:
+            if end < 0:
+                self._buffer = b"\r" if buf.endswith(b"\r") else b""
+                return False
+            self._buffer = buf[end + 2 :]
+            kind, self._discarding = self._discarding, None
+            self._line_too_long(kind)
+            return True
+        if end < 0:
+            if len(buf) > MAX_AUTH_LINE:
+                # Too long whatever it is: drop it up to its CRLF, keep nothing meanwhile.
+                self._discarding = self._line_kind(buf)
+                self._buffer = b"\r" if buf.endswith(b"\r") else b""
+            return False
+        line, self._buffer = buf[:end], buf[end + 2 :]
+        kind = self._line_kind(line)
+        limit = MAX_AUTH_LINE if kind == "auth" else MAX_COMMAND_LINE
+        if len(line) + 2 > limit:
+            self._line_too_long(kind)
+        else:
+            self._line(line)
+        return True
+
+    def _line_too_long(self, kind: str) -> None:
+        if kind == "auth":
+            if self.state is State.AUTH:
+                self._mech = None
+                self.state = State.READY
+            self._send(reply(500, "5.5.6", "Authentication Exchange line is too long"))
+        else:
+            self._send(reply(500, "5.5.2", "Line too long"))
+
+    def _line(self, line: bytes) -> None:
+        if self.state is State.AUTH:
+            self._guarded(self._auth_response, line)
+            return
+        try:
+            cmd = parse_command(line)
+        except SmtpSyntaxError as e:
+            if e.kind == "verb" and line.strip():
+                self._send(reply(500, "5.5.1", "Command unrecognized"))
+            else:
+                self._send(reply(500, "5.5.2", "Syntax error"))
+            return
+        if cmd.verb not in self._known:
+            self._send(reply(500, "5.5.1", "Command unrecognized"))
+            return
+        if self._tls_required() and cmd.verb not in _BEFORE_TLS:
+            self._send(reply(530, "5.7.0", "Must issue a STARTTLS command first"))
+            return
+        handler = self._table.get((self.state, cmd.verb))
+        if handler is None:
+            self._send(reply(503, "5.5.1", "Bad sequence of commands"))
+            return
+        self._guarded(handler, self, cmd.arg)
+
+    def _guarded(self, f: Callable[..., None], *args: Any) -> None:
+        """Run a handler; an unexpected error becomes a generic reply and a log entry."""
+        try:
+            f(*args)
+        except Exception:
+            _log.failure("SMTP handler failed peer={peer}", peer=self._peer_ip)
+            if self.state is State.AUTH:
+                self._mech = None
+                self.state = State.READY
+            self._send(reply(451, "4.3.0", "Local error in processing"))
+
+    def _wait(
+        self,
+        d: Deferred[T],
+        ok: Callable[[T], None],
+        err: Callable[[Failure], None],
+    ) -> None:
+        """Hold every later line until ``d`` fires and its reply was sent."""
+        self._waiting = True
+        self._set_timeout(None)
+
+        def done(result: T | Failure) -> None:
+            self._waiting = False
+            if self.state is not State.CLOSED:
+                self._set_timeout(self._settings.timeout)
+            if isinstance(result, Failure):
+                self._guarded(err, result)
+            else:
+                self._guarded(ok, result)
+            if self.state is not State.CLOSED:
+                self._process()
+
+        d.addBoth(done)
+
+    # -- policy helpers -----------------------------------------------------------------
+
+    def _plaintext_ok(self) -> bool:
+        return self._tls or self._settings.allow_plaintext(self._peer_ip)
+
+    def _tls_required(self) -> bool:
+        s = self._settings
+        if not s.require_tls or self._tls:
+            return False
+        return not (s.allow_plaintext(self._peer_ip) or s.trusted(self._peer_ip))
+
+    def _reset_transaction(self) -> None:
+        self._sender = None
+        self._params = MailParams()
+        self._recipients = []
+        if self.state is State.MAIL:
+            self.state = State.READY
+
+    def _drop_avatar(self) -> None:
+        logout, self._logout = self._logout, None
+        self._avatar = None
+        self._user = None
+        if logout is not None:
+            logout()
+
+    # -- simple commands ----------------------------------------------------------------
+
+    def _ehlo(self, arg: bytes) -> None:
+        if not arg:
+            self._send(reply(501, "5.5.4", "Syntax: EHLO hostname"))
+            return
+        self._reset_transaction()
+        self._helo = arg.decode("utf-8", "replace")
+        self._extended = True
+        self.state = State.READY
+        s = self._settings
+        keywords = ["PIPELINING", f"SIZE {s.max_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if not self._tls and s.tls_context is not None:
+            keywords.append("STARTTLS")
+        mechs = [n for n, m in sasl.MECHANISMS.items() if self._plaintext_ok() or not m.plaintext]
+        if mechs:
+            keywords.append("AUTH " + " ".join(mechs))
+        if s.smtputf8:
+            keywords.append("SMTPUTF8")
+        self._send(ehlo_reply(s.hostname, "", keywords))
+
+    def _helo_cmd(self, arg: bytes) -> None:
+        if not arg:
+            self._send(reply(501, "5.5.4", "Syntax: HELO hostname"))
+            return
+        self._reset_transaction()
+        self._helo = arg.decode("utf-8", "replace")
+        self._extended = False
+        self.state = State.READY
+        self._send(reply(250, None, self._settings.hostname))
+
+    def _rset(self, arg: bytes) -> None:
+        if arg:
+            self._send(reply(501, "5.5.4", "Syntax: RSET"))
+            return
+        self._reset_transaction()
+        self._send(reply(250, "2.0.0", "Ok"))
+
+    def _noop(self, arg: bytes) -> None:
+        self._send(reply(250, "2.0.0", "Ok"))
+
+    def _quit(self, arg: bytes) -> None:
+        self._send(reply(221, "2.0.0", "Bye"))
+        self._close()
+
+    def _help(self, arg: bytes) -> None:
+        self._send(
+            reply(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT HELP VRFY",
+            )
+        )
+
+    def _vrfy(self, arg: bytes) -> None:
+        if not arg:
+            self._send(reply(501, "5.5.4", "Syntax: VRFY address"))
+            return
+        self._send(reply(252, "2.5.2", "Cannot VRFY user, but will accept message"))
+
+    def _expn(self, arg: bytes) -> None:
+        self._send(reply(502, "5.5.1", "EXPN not available"))
+
+    # -- STARTTLS -----------------------------------------------------------------------
+
+    def _starttls(self, arg: bytes) -> None:
+        if arg:
+            self._send(reply(501, "5.5.4", "Syntax: STARTTLS"))
+            return
+        if self._tls:
+            self._send(reply(503, "5.5.1", "TLS already active"))
+            return
+        ctx = self._settings.tls_context
+        if ctx is None or not ITLSTransport.providedBy(self.transport):
+            self._send(reply(454, "4.7.0", "TLS not available"))
+            return
+        self._send(reply(220, "2.0.0", "Ready to start TLS"))
+        # Whatever the client pipelined in plaintext must never be read as a command.
+        self._buffer = b""
+        self._discarding = None
+        self._transport.startTLS(ctx)
+        self._tls = True
+        # RFC 3207 4.2: forget everything learnt before the handshake.
+        self._reset_transaction()
+        self._helo = None
+        self._extended = False
+        self._drop_avatar()
+        self.state = State.INITIAL
+
+    # -- AUTH ---------------------------------------------------------------------------
+
+    def _auth(self, arg: bytes) -> None:
+        if not self._extended:
+            self._send(reply(503, "5.5.1", "Send EHLO first"))
+            return
+        if self._user is not None:
+            self._send(reply(503, "5.5.1", "Already authenticated"))
+            return
+        parts = arg.split()
+        if not parts or len(parts) > 2:
+            self._send(reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+            return
+        mech = sasl.mechanism(parts[0].decode("ascii", "replace"))
+        if mech is None:
+            self._send(reply(504, "5.5.4", "Unrecognized authentication type"))
+            return
+        if mech.plaintext and not self._plaintext_ok():
+            self._send(
+                reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+            )
+            return
+        initial: bytes | None = None
+        if len(parts) == 2:
+            try:
+                initial = sasl.decode_response(parts[1])
+            except sasl.Cancelled:
+                self._send(reply(501, "5.7.0", "Authentication cancelled"))
+                return
+            except sasl.Base64Error:
+                self._send(reply(501, "5.5.2", "Cannot decode response"))
+                return
+        self._mech = mech
+        self.state = State.AUTH
+        self._sasl_step(lambda: mech.start(initial))
+
+    def _auth_response(self, line: bytes) -> None:
+        mech = self._mech
+        assert mech is not None
+        try:
+            response = sasl.decode_response(line)
+        except sasl.Cancelled:
+            self._end_exchange()
+            self._send(reply(501, "5.7.0", "Authentication cancelled"))
+            return
+        except sasl.Base64Error:
+            self._end_exchange()
+            self._send(reply(501, "5.5.2", "Cannot decode response"))
+            return
+        self._sasl_step(lambda: mech.step(response))
+
+    def _end_exchange(self) -> None:
+        self._mech = None
+        self.state = State.READY
+
+    def _sasl_step(self, step: Callable[[], sasl.Challenge | IUsernamePassword]) -> None:
+        try:
+            result = step()
+        except sasl.SaslError:
+            self._end_exchange()
+            self._auth_failed("?")
+            return
+        if isinstance(result, sasl.Challenge):
+            self._send(reply(334, None, sasl.encode_challenge(result.data).decode("ascii")))
+            return
+        self._end_exchange()
+        login = result.username.decode("utf-8", "replace")
+        d = self._portal.login(result, None, ISubmission)
+        self._wait(d, self._logged_in, lambda f: self._login_failed(f, login))
+
+    def _logged_in(self, result: tuple[Any, Any, Callable[[], None]]) -> None:
+        _, avatar, logout = result
+        if self.state is State.CLOSED:
+            logout()
+            return
+        self._drop_avatar()
+        self._avatar = avatar
+        self._logout = logout
+        address = getattr(avatar, "address", None)
+        self._user = str(address) if address is not None else "?"
+        _log.info("SMTP login user={user} peer={peer}", user=self._user, peer=self._peer_ip)
+        self._send(reply(235, "2.7.0", "Authentication successful"))
+
+    def _login_failed(self, failure: Failure, login: str) -> None:
+        if isinstance(failure.value, (UnauthorizedLogin, LoginFailed)):
+            self._auth_failed(login)
+            return
+        _log.failure(
+            "SMTP authentication error peer={peer} login={login}",
+            failure,
+            peer=self._peer_ip,
+            login=login,
+        )
+        self._send(reply(454, "4.7.0", "Temporary authentication failure"))
+
+    def _auth_failed(self, login: str) -> None:
+        self._failures += 1
+        _log.info(
+            "SMTP authentication failed peer={peer} login={login} failures={n}",
+            peer=self._peer_ip,
+            login=login,
+            n=self._failures,
+        )
+        if self._failures >= self._settings.max_failures:
+            self._send(reply(421, "4.7.0", "Too many authentication failures"))
+            self._close()
+            return
+        self._send(reply(535, "5.7.8", "Authentication credentials invalid"))
+
+    # -- the mail transaction -----------------------------------------------------------
+
+    def _mail(self, arg: bytes) -> None:
+        s = self._settings
+        if self._user is None:
+            if self._anonymous is None or not s.trusted(self._peer_ip):
+                self._send(reply(530, "5.7.0", "Authentication required"))
+                return
+            if self._avatar is None:
+                self._avatar = self._anonymous()
+        assert self._avatar is not None
+        try:
+            path = parse_path(arg, "FROM")
+            params = parse_mail_params(path.params, smtputf8_enabled=s.smtputf8)
+        except SmtpSyntaxError as e:
+            self._send(self._syntax_reply(e, "5.1.7"))
+            return
+        if params.size is not None and params.size > s.max_size:
+            self._send(reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
+            return
+        sender: Address | None = None
+        if not path.is_null:
+            try:
+                sender = parse_address(path.mailbox, s.default_domain)
+            except SmtpSyntaxError as e:
+                self._send(self._syntax_reply(e, "5.1.7"))
+                return
+        try:
+            self._avatar.check_sender(sender)
+        except DeliveryError as e:
+            self._send(_delivery_reply(e))
+            return
+        self._sender = sender
+        self._params = params
+        self._recipients = []
+        self.state = State.MAIL
+        self._send(reply(250, "2.1.0", "Sender ok"))
+
+    def _syntax_reply(self, e: SmtpSyntaxError, address_code: str) -> bytes:
+        if e.kind == "unknown-param":
+            return reply(555, "5.5.4", e.text)
+        if e.kind in ("bad-param", "param-syntax"):
+            return reply(501, "5.5.4", e.text)
+        if e.kind == "utf8" and self._settings.smtputf8:
+            return reply(553, "5.6.7", "Non-ASCII address not permitted")
+        if e.kind == "syntax":
+            return reply(501, "5.5.2", e.text)
+        return reply(501, address_code, "Bad address syntax")
+
+    def _rcpt(self, arg: bytes) -> None:
+        s = self._settings
+        assert self._avatar is not None
+        try:
+            path = parse_path(arg, "TO")
+            check_rcpt_params(path.params)
+            if path.is_null:
+                raise SmtpSyntaxError("address", "Null recipient")
+            rcpt = parse_address(path.mailbox, s.default_domain)
+        except SmtpSyntaxError as e:
+            self._send(self._syntax_reply(e, "5.1.3"))
+            return
+        if len(self._recipients) >= s.max_recipients:
+            self._send(reply(452, "4.5.3", "Too many recipients"))
+            return
+        try:
+            self._avatar.check_recipient(rcpt)
+        except DeliveryError as e:
+            self._send(_delivery_reply(e))
+            return
+        if rcpt not in self._recipients:
+            self._recipients.append(rcpt)
+        self._send(reply(250, "2.1.5", "Recipient ok"))
+
+    def _data(self, arg: bytes) -> None:
+        if arg:
+            self._send(reply(501, "5.5.4", "Syntax: DATA"))
+            return
+        if not self._recipients:
+            self._send(reply(503, "5.5.1", "No valid recipients"))
+            return
+        assert self._avatar is not None
+        s = self._settings
+        envelope = Envelope(self._sender, tuple(self._recipients))
+        try:
+            self._sink = self._avatar.open_message(envelope)
+        except DeliveryError as e:
+            self._send(_delivery_reply(e))
+            return
+        self._reader = DataReader(
+            self._content,
+            bare_newline=s.bare_newline,
+            long_lines=s.long_lines,
+            max_size=s.max_size,
+        )
+        self._splitter = HeaderSplitter(s.max_header_lines, s.max_header_bytes)
+        self._data_failure = None
+        self.state = State.DATA
+        self._send(reply(354, None, "End data with <CR><LF>.<CR><LF>"))
+
+    # -- DATA ---------------------------------------------------------------------------
+
+    def _data_chunk(self, chunk: bytes) -> None:
+        assert self._reader is not None
+        rest = self._reader.feed(chunk)
+        if rest is not None:
+            self._buffer = rest + self._buffer
+            self._guarded(self._end_of_data)
+
+    def _fixed_headers(self, block: HeaderBlock) -> bytes:
+        assert self._sink is not None
+        info = ReceivedInfo(
+            helo=self._helo or "unknown",
+            peer_ip=self._peer_ip,
+            hostname=self._settings.hostname,
+            protocol=received_protocol(
+                extended=self._extended, tls=self._tls, authenticated=self._user is not None
+            ),
+            queue_id=str(self._sink.queue_id),
+            recipients=[str(r) for r in self._recipients],
+        )
+        return fix_headers(block, info, now=self._clock.seconds)
+
+    def _content(self, data: bytes) -> None:
+        """Unstuffed LF content from the reader: headers are fixed first, then streamed."""
+        if self._data_failure is not None:
+            return
+        assert self._sink is not None and self._splitter is not None
+        try:
+            if self._splitter.block is None:
+                done = self._splitter.feed(data)
+                if done is None:
+                    return
+                block, body = done
+                data = self._fixed_headers(block) + body
+            self._sink.write(data)
+        except HeaderTooLarge:
+            self._data_failure = "header"
+        except Exception:
+            _log.failure("SMTP message store failed peer={peer}", peer=self._peer_ip)
+            self._data_failure = "sink"
+
+    def _end_of_data(self) -> None:
+        reader, sink, splitter = self._reader, self._sink, self._splitter
+        assert reader is not None and sink is not None and splitter is not None
+        self._reader = self._splitter = None
+        self.state = State.MAIL
+        sender, recipients, user = self._sender, tuple(self._recipients), self._user
+        self._reset_transaction()
+        ok = reader.status is DataStatus.OK and self._data_failure is None
+        if ok and splitter.block is None:
+            try:
+                block, body = splitter.finish()
+                sink.write(self._fixed_headers(block) + body)
+            except HeaderTooLarge:
+                self._data_failure = "header"
+            except Exception:
+                _log.failure("SMTP message store failed peer={peer}", peer=self._peer_ip)
+                self._data_failure = "sink"
+        failure = self._failure_reply(reader.status)
+        if failure is not None:
+            self._sink = None
+            sink.abort()
+            self._send(failure)
+            return
+        size = reader.size
+
+        def queued(queue_id: str) -> None:
+            self._sink = None
+            _log.info(
+                "SMTP queued id={qid} from=<{sender}> to={rcpts} size={size} user={user} "
+                "peer={peer}",
+                qid=queue_id,
+                sender="" if sender is None else str(sender),
+                rcpts=",".join(str(r) for r in recipients),
+                size=size,
+                user=user or "-",
+                peer=self._peer_ip,
+            )
+            self._send(reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
+
+        def failed(f: Failure) -> None:
+            self._sink = None
+            _log.failure("SMTP queueing failed peer={peer}", f, peer=self._peer_ip)
+            e = f.value
+            if isinstance(e, DeliveryError) and e.permanent:
+                self._send(reply(554, "5.3.0", "Message not accepted"))
+            else:
+                self._send(reply(451, "4.3.0", "Temporary failure, message not queued"))
+
+        # From here on the sink belongs to finish(); a lost connection must not abort it.
+        self._sink = None
+        self._wait(maybeDeferred(sink.finish), queued, failed)
+
+    def _failure_reply(self, status: DataStatus) -> bytes | None:
+        if status is DataStatus.TOO_BIG:
+            return reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        if status is DataStatus.BARE_NEWLINE:
+            return reply(554, "5.6.0", "Message contains bare CR or LF")
+        if status is DataStatus.LINE_TOO_LONG:
+            return reply(554, "5.6.0", "Line too long")
+        if self._data_failure == "header":
+            return reply(552, "5.3.4", "Message header size exceeds limit")
+        if self._data_failure == "sink":
+            return reply(451, "4.3.0", "Temporary failure, message not queued")
+        return None
+
+    def _abort_data(self) -> None:
+        sink, self._sink = self._sink, None
+        self._reader = self._splitter = None
+        if sink is not None:
+            try:
+                sink.abort()
+            except Exception:
+                _log.failure("SMTP sink abort failed peer={peer}", peer=self._peer_ip)
+
+
+def _build_table() -> dict[tuple[State, str], _Handler]:
+    table: dict[tuple[State, str], _Handler] = {}
+    anywhere: dict[str, _Handler] = {
+        "EHLO": SmtpServer._ehlo,
+        "HELO": SmtpServer._helo_cmd,
+        "RSET": SmtpServer._rset,
+        "NOOP": SmtpServer._noop,
+        "QUIT": SmtpServer._quit,
+        "HELP": SmtpServer._help,
+        "VRFY": SmtpServer._vrfy,
+        "EXPN": SmtpServer._expn,
+        "STARTTLS": SmtpServer._starttls,
+    }
+    for state in (State.INITIAL, State.READY, State.MAIL):
+        for verb, handler in anywhere.items():
+            table[(state, verb)] = handler
+    table[(State.READY, "AUTH")] = SmtpServer._auth
+    table[(State.READY, "MAIL")] = SmtpServer._mail
+    table[(State.MAIL, "RCPT")] = SmtpServer._rcpt
+    table[(State.MAIL, "DATA")] = SmtpServer._data
+    return table
+
+
+SmtpServer._table = _build_table()
+SmtpServer._known = frozenset(verb for _, verb in SmtpServer._table)
+
+
+class SmtpFactory(Factory):
+    """Builds :class:`SmtpServer` sessions sharing one portal, policy and clock.
+
+    ``anonymous`` gives the avatar for clients of trusted networks that submit without AUTH.
+    """
+
+    def __init__(
+        self,
+        portal: Portal,
+        settings: SmtpSettings,
+        clock: IReactorTime,
+        anonymous: Callable[[], ISubmission] | None = None,
+    ) -> None:
+        self.portal = portal
+        self.settings = settings
+        self.clock = clock
+        self.anonymous = anonymous
+
+    def buildProtocol(self, addr: IAddress | None) -> SmtpServer:
+        proto = SmtpServer(self.portal, self.settings, self.clock, self.anonymous)
+        proto.factory = self
+        return proto
