@@ -1,0 +1,426 @@
+"""Maildir-specific behaviour: on-disk layout, foreign files, the UID list, locks, fsync, safety."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.python.filepath import FilePath
+from twisted.trial import unittest
+
+from mailgate.errors import DeliveryError, MaildropInUse, MaildropUnavailable
+from mailgate.interfaces import IMaildrop
+from mailgate.model import Address, Envelope
+from mailgate.store.maildir import MaildirStore
+from mailgate.wire import encode_all
+from tests.test_store_contract import failure_of, run_sync, temp_dir
+
+ALICE = Address("alice", "example.org")
+BOB = Address("bob", "example.org")
+
+NAME = re.compile(
+    r"^(\d+)\.M(\d+)P(\d+)Q(\d+)\.test\.host,S=(\d+),W=(\d+)$",
+)
+
+
+def patch(case: unittest.TestCase, obj: object, name: str, value: object) -> None:
+    """Replace an attribute for the duration of one test (trial's patch is untyped)."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    case.addCleanup(setattr, obj, name, old)
+
+
+class RecordingFsync:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        os.fsync(fd)
+
+
+class MaildirTestCase(unittest.TestCase):
+    def setUp(self) -> None:
+        self.base = Path(temp_dir(self))
+        self.root = self.base / "mail"
+        self.fsync = RecordingFsync()
+        self.store = self.make_store()
+
+    def make_store(self) -> MaildirStore:
+        return MaildirStore(str(self.root), run_sync, hostname="test.host", fsync=self.fsync)
+
+    def maildir(self, who: Address = ALICE) -> Path:
+        return self.root / who.domain / who.local / "Maildir"
+
+    def deliver(self, data: bytes, *rcpts: Address) -> str:
+        sink = self.store.open_delivery(Envelope(None, rcpts or (ALICE,)))
+        sink.write(data)
+        result: str = self.successResultOf(sink.finish())
+        return result
+
+    def open(self, who: Address = ALICE, store: MaildirStore | None = None) -> IMaildrop:
+        drop: IMaildrop = self.successResultOf((store or self.store).open_maildrop(who))
+        return drop
+
+    def drop_foreign(self, sub: str, name: str, data: bytes, who: Address = ALICE) -> Path:
+        md = self.maildir(who)
+        for d in ("new", "cur", "tmp"):
+            (md / d).mkdir(parents=True, exist_ok=True)
+        path = md / sub / name
+        path.write_bytes(data)
+        return path
+
+
+class DeliveryTests(MaildirTestCase):
+    def test_layout_and_file_name(self) -> None:
+        data = b"Subject: hi\n\nline\n.dot\n"
+        self.deliver(data)
+        md = self.maildir()
+        assert sorted(p.name for p in md.iterdir()) == ["cur", "new", "tmp"]
+        (name,) = os.listdir(md / "new")
+        assert ":" not in name
+        m = NAME.match(name)
+        assert m, name
+        assert int(m.group(3)) == os.getpid()
+        assert int(m.group(5)) == len(data)
+        assert int(m.group(6)) == len(encode_all([data], stuff=False))
+        assert (md / "new" / name).read_bytes() == data
+        assert os.listdir(md / "tmp") == []
+        # The spool file is gone.
+        assert os.listdir(self.root / ".incoming") == []
+
+    def test_fsync_happens_in_finish_only(self) -> None:
+        sink = self.store.open_delivery(Envelope(None, (ALICE, BOB)))
+        sink.write(b"a\n" * 1000)
+        assert self.fsync.calls == 0
+        self.successResultOf(sink.finish())
+        # The file, plus new/ and tmp/ of each of the two recipients (and new dirs).
+        assert self.fsync.calls >= 5
+
+    def test_duplicate_recipients_get_one_copy(self) -> None:
+        self.deliver(b"x\n", ALICE, ALICE)
+        assert len(os.listdir(self.maildir() / "new")) == 1
+
+    def test_unique_names_for_many_deliveries(self) -> None:
+        for i in range(50):
+            self.deliver(b"m%d\n" % i)
+        names = os.listdir(self.maildir() / "new")
+        assert len(set(names)) == 50
+        drop = self.open()
+        contents = []
+        for i in range(len(drop.messages)):
+            with drop.open_message(i) as f:
+                contents.append(f.read())
+        assert contents == [b"m%d\n" % i for i in range(50)]  # delivery order
+        drop.release()
+
+    def test_cr_in_data_still_gives_exact_wire_size(self) -> None:
+        data = b"a\r\nb\rc\n"
+        self.deliver(data)
+        drop = self.open()
+        assert drop.messages[0].size == len(encode_all([data], stuff=False))
+        drop.release()
+
+    def test_abort_removes_spool_file(self) -> None:
+        sink = self.store.open_delivery(Envelope(None, (ALICE,)))
+        sink.write(b"data\n")
+        assert len(os.listdir(self.root / ".incoming")) == 1
+        sink.abort()
+        assert os.listdir(self.root / ".incoming") == []
+        assert not self.maildir().exists()
+
+    def test_io_failure_is_temporary_and_all_or_nothing(self) -> None:
+        self.deliver(b"warm up\n", ALICE, BOB)  # create both Maildirs
+        bob_new = self.maildir(BOB) / "new"
+        for p in bob_new.iterdir():
+            p.unlink()
+        os.chmod(bob_new, 0o500)
+        self.addCleanup(os.chmod, bob_new, 0o700)
+        if os.access(bob_new, os.W_OK):
+            # Running as root: simulate the failure at the rename instead.
+            real_rename = os.rename
+
+            def rename(src: Any, dst: Any) -> None:
+                if str(dst).startswith(str(bob_new)):
+                    raise OSError(28, "No space left on device")
+                real_rename(src, dst)
+
+            patch(self, os, "rename", rename)
+        before = set(os.listdir(self.maildir(ALICE) / "new"))
+        sink = self.store.open_delivery(Envelope(None, (ALICE, BOB)))
+        sink.write(b"second\n")
+        err = failure_of(sink.finish(), DeliveryError)
+        assert isinstance(err, DeliveryError) and not err.permanent
+        assert "No space" not in str(err)  # no OS text towards the client
+        logged = self.flushLoggedErrors(OSError)  # type: ignore[no-untyped-call]
+        assert len(logged) == 1  # but it is logged for the admin
+        # Alice's copy was rolled back; the spool is clean.
+        assert set(os.listdir(self.maildir(ALICE) / "new")) == before
+        assert os.listdir(self.root / ".incoming") == []
+
+    def test_link_falls_back_to_copy(self) -> None:
+        def no_link(src: Any, dst: Any) -> None:
+            raise OSError(18, "Invalid cross-device link")
+
+        patch(self, os, "link", no_link)
+        self.deliver(b"copied\n", ALICE, BOB)
+        for who in (ALICE, BOB):
+            (name,) = os.listdir(self.maildir(who) / "new")
+            assert (self.maildir(who) / "new" / name).read_bytes() == b"copied\n"
+
+    def test_finish_twice_fails(self) -> None:
+        sink = self.store.open_delivery(Envelope(None, (ALICE,)))
+        self.successResultOf(sink.finish())
+        failure_of(sink.finish(), DeliveryError)
+
+    def test_filepath_root_accepted(self) -> None:
+        store = MaildirStore(FilePath(str(self.base / "other")), run_sync, hostname="h")
+        sink = store.open_delivery(Envelope(None, (ALICE,)))
+        sink.write(b"x\n")
+        self.successResultOf(sink.finish())
+        assert (self.base / "other" / "example.org" / "alice" / "Maildir" / "new").is_dir()
+
+
+class ForeignFileTests(MaildirTestCase):
+    def test_foreign_crlf_and_lf_files_in_new(self) -> None:
+        crlf = b"Subject: a\r\n\r\nbody\r\n"
+        lf = b"Subject: b\n\nbody\nno newline at end"
+        self.drop_foreign("new", "1000.foreign1.host", crlf)
+        self.drop_foreign("new", "1001.foreign2.host", lf)
+        drop = self.open()
+        assert [m.size for m in drop.messages] == [
+            len(encode_all([crlf], stuff=False)),
+            len(encode_all([lf], stuff=False)),
+        ]
+        with drop.open_message(0) as f:
+            assert f.read() == crlf
+        cur = sorted(os.listdir(self.maildir() / "cur"))
+        assert cur == [
+            f"1000.foreign1.host,S={len(crlf)},W={len(crlf)}:2,",
+            f"1001.foreign2.host,S={len(lf)},W={len(lf) + 3 + 2}:2,",
+        ]
+        assert os.listdir(self.maildir() / "new") == []
+        drop.release()
+
+    def test_foreign_file_in_cur_without_sizes_keeps_flags(self) -> None:
+        data = b"x\r\ny\r\n"
+        self.drop_foreign("cur", "999.abc.host:2,S", data)
+        drop = self.open()
+        assert drop.messages[0].size == 6
+        assert os.listdir(self.maildir() / "cur") == ["999.abc.host,S=6,W=6:2,S"]
+        drop.release()
+
+    def test_junk_is_ignored(self) -> None:
+        self.drop_foreign("new", ".hidden", b"x\n")
+        self.drop_foreign("cur", ".hidden:2,", b"x\n")
+        self.drop_foreign("tmp", "123.inprogress.host", b"x\n")
+        (self.maildir() / "new" / "subdir").mkdir()
+        (self.maildir() / "cur" / "link:2,").symlink_to("/etc/passwd")
+        drop = self.open()
+        assert list(drop.messages) == []
+        drop.release()
+
+    def test_vanished_message_is_unavailable(self) -> None:
+        self.deliver(b"one\n")
+        drop = self.open()
+        (name,) = os.listdir(self.maildir() / "cur")
+        os.unlink(self.maildir() / "cur" / name)
+        with pytest.raises(MaildropUnavailable):
+            drop.open_message(0)
+        # Deleting an already vanished message is not a failure.
+        assert self.successResultOf(drop.commit([0])) == 0
+
+    def test_flag_rename_by_another_program_is_followed(self) -> None:
+        self.deliver(b"one\n")
+        drop = self.open()
+        cur = self.maildir() / "cur"
+        (name,) = os.listdir(cur)
+        os.rename(cur / name, cur / (name + "S"))
+        with drop.open_message(0) as f:
+            assert f.read() == b"one\n"
+        assert self.successResultOf(drop.commit([0])) == 0
+        assert os.listdir(cur) == []
+
+
+class UidListTests(MaildirTestCase):
+    def uidlist(self) -> list[str]:
+        return (self.maildir() / "mailgate-uidlist").read_text().splitlines()
+
+    def test_uidlist_format_and_survives_a_new_store_instance(self) -> None:
+        self.deliver(b"one\n")
+        self.deliver(b"two\n")
+        drop = self.open()
+        uids = [m.uid for m in drop.messages]
+        drop.release()
+        lines = self.uidlist()
+        m = re.fullmatch(r"V(\d+) N3", lines[0])
+        assert m
+        validity = int(m.group(1))
+        assert uids == [f"{validity:08x}{1:08x}", f"{validity:08x}{2:08x}"]
+        assert [ln.split(" ")[0] for ln in lines[1:]] == ["1", "2"]
+        fresh = self.make_store()
+        again = self.open(store=fresh)
+        assert [m.uid for m in again.messages] == uids
+        again.release()
+
+    def test_next_uid_persists_after_deleting_everything(self) -> None:
+        self.deliver(b"one\n")
+        drop = self.open()
+        self.successResultOf(drop.commit([0]))
+        self.open().release()
+        assert self.uidlist()[0].endswith(" N2")
+        self.deliver(b"two\n")
+        drop = self.open(store=self.make_store())
+        assert drop.messages[0].uid.endswith(f"{2:08x}")
+        drop.release()
+
+    def test_corrupt_uidlist_gets_a_new_validity(self) -> None:
+        self.deliver(b"one\n")
+        drop = self.open()
+        old_uid = drop.messages[0].uid
+        drop.release()
+        path = self.maildir() / "mailgate-uidlist"
+        header = path.read_text().splitlines()[0]
+        path.write_text(header + "\nnot a number\n")
+        drop = self.open()
+        assert len(drop.messages) == 1
+        assert drop.messages[0].uid != old_uid
+        drop.release()
+
+    def test_dropped_session_changes_nothing_on_disk(self) -> None:
+        self.deliver(b"one\n")
+        self.deliver(b"two\n")
+        self.open().release()  # first scan moves new -> cur and writes the uidlist
+
+        def snapshot() -> dict[str, bytes]:
+            md = self.maildir()
+            return {
+                str(p.relative_to(md)): p.read_bytes()
+                for p in md.rglob("*")
+                if p.is_file() and p.name != "mailgate.lock"
+            }
+
+        before = snapshot()
+        drop = self.open()
+        del drop  # the connection went away: no commit, no explicit release
+        after = snapshot()
+        assert after == before
+        self.open().release()  # and the lock did not outlive the session
+
+
+class LockTests(MaildirTestCase):
+    def test_lock_across_two_store_instances(self) -> None:
+        other = self.make_store()
+        drop = self.open()
+        failure_of(other.open_maildrop(ALICE), MaildropInUse)
+        drop.release()
+        self.open(store=other).release()
+
+    def test_lock_file_names_the_holder(self) -> None:
+        drop = self.open()
+        assert (self.maildir() / "mailgate.lock").read_text() == f"{os.getpid()}\n"
+        drop.release()
+
+    def test_commit_after_release_is_refused(self) -> None:
+        drop = self.open()
+        drop.release()
+        failure_of(drop.commit([]), MaildropUnavailable)
+
+    def test_lock_held_by_another_process(self) -> None:
+        self.open().release()  # create the Maildir and lock file
+        lock = str(self.maildir() / "mailgate.lock")
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, sys\n"
+                "f = open(sys.argv[1], 'r+')\n"
+                "fcntl.flock(f, fcntl.LOCK_EX)\n"
+                "print('locked', flush=True)\n"
+                "sys.stdin.read()\n",
+                lock,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            assert holder.stdout.readline() == b"locked\n"
+            failure_of(self.store.open_maildrop(ALICE), MaildropInUse)
+        finally:
+            assert holder.stdin is not None
+            holder.stdin.close()
+            holder.wait()
+        self.open().release()
+
+
+class SafetyTests(MaildirTestCase):
+    BAD = [
+        Address("..", "example.org"),
+        Address(".", "example.org"),
+        Address("", "example.org"),
+        Address("a/../../b", "example.org"),
+        Address("a\\b", "example.org"),
+        Address("a%b", "example.org"),
+        Address("a\x00b", "example.org"),
+        Address(".hidden", "example.org"),
+        Address("alice", ".."),
+        Address("alice", "../../canary"),
+        Address("alice", ""),
+    ]
+
+    def test_traversal_names_refused_and_canary_untouched(self) -> None:
+        canary = self.base / "canary"
+        canary.write_bytes(b"do not touch\n")
+        self.root.mkdir()
+        for bad in self.BAD:
+            failure_of(self.store.open_maildrop(bad), MaildropUnavailable)
+            sink = self.store.open_delivery(Envelope(None, (ALICE, bad)))
+            sink.write(b"evil\n")
+            err = failure_of(sink.finish(), DeliveryError)
+            assert isinstance(err, DeliveryError) and err.permanent
+        assert canary.read_bytes() == b"do not touch\n"
+        assert sorted(p.name for p in self.base.iterdir()) == ["canary", "mail"]
+        # Nothing was delivered to the good recipient either, nor created anywhere.
+        assert list(self.root.iterdir()) == []
+
+    def test_io_error_on_open_is_unavailable_not_oserror(self) -> None:
+        # A file where the domain directory should be.
+        self.root.mkdir()
+        (self.root / "example.org").write_bytes(b"")
+        failure_of(self.store.open_maildrop(ALICE), MaildropUnavailable)
+
+
+class RealThreadTests(unittest.TestCase):
+    """The same store through a real thread pool (deferToThread), as in production."""
+
+    @inlineCallbacks
+    def test_deliver_open_commit_in_threads(self) -> Generator[Deferred[Any], Any, None]:
+        store = MaildirStore(temp_dir(self), deferToThread, hostname="test.host")
+        data = b"Subject: threaded\n\nhi\n"
+        sink = store.open_delivery(Envelope(None, (ALICE,)))
+        sink.write(data)
+        queue_id = yield sink.finish()
+        assert queue_id == sink.queue_id
+        drop = yield store.open_maildrop(ALICE)
+        assert [m.size for m in drop.messages] == [len(data) + 3]
+        # A second session, also through the thread pool, is refused while this one holds it.
+        try:
+            yield store.open_maildrop(ALICE)
+        except MaildropInUse:
+            pass
+        else:
+            raise AssertionError("second session was not refused")
+        failed = yield drop.commit([0])
+        assert failed == 0
+        drop = yield store.open_maildrop(ALICE)
+        assert list(drop.messages) == []
+        drop.release()
