@@ -247,11 +247,6 @@ class Pop3Server(Protocol, TimeoutMixin):
         if self.state is State.CLOSED:
             return
         self._framer.feed(data)
-        if self._busy and self._framer.buffered > MAX_BACKLOG and not self._reading_paused:
-            pause = getattr(self.transport, "pauseProducing", None)
-            if callable(pause):
-                self._reading_paused = True
-                pause()
         self._process()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -294,7 +289,18 @@ class Pop3Server(Protocol, TimeoutMixin):
                 self._line(item)
         finally:
             self._processing = False
-        if self._reading_paused and not self._busy and self.state is not State.CLOSED:
+        self._flow_control()
+
+    def _flow_control(self) -> None:
+        """Stop reading from a client that pipelines far ahead of a busy session."""
+        if self.state is State.CLOSED:
+            return
+        if self._busy and self._framer.buffered > MAX_BACKLOG and not self._reading_paused:
+            pause = getattr(self.transport, "pauseProducing", None)
+            if callable(pause):
+                self._reading_paused = True
+                pause()
+        elif self._reading_paused and not self._busy:
             self._reading_paused = False
             resume = getattr(self.transport, "resumeProducing", None)
             if callable(resume):
