@@ -1,0 +1,194 @@
+"""The ``mailgate`` admin command: manage accounts in STATE_DIR/users.
+
+    mailgate [--state-dir DIR] user add ADDRESS
+    mailgate [--state-dir DIR] user passwd ADDRESS
+    mailgate [--state-dir DIR] user del ADDRESS
+    mailgate [--state-dir DIR] user list
+
+The password comes from stdin when it is not a terminal (one line, so scripts can pipe it)
+and from two getpass prompts when it is. Failures print one ``mailgate: error: ...`` line
+on stderr and exit non-zero; nothing is ever half-written (the user file is rewritten
+atomically by :class:`~mailgate.auth.userdb.UserFile`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Callable
+from typing import IO, NoReturn
+
+from mailgate.auth.passwords import hash_password
+from mailgate.auth.userdb import UserFile
+from mailgate.errors import AddressError, UserDatabaseError
+from mailgate.model import Address, parse_account
+
+DEFAULT_STATE_DIR = "./mailgate-data"
+
+GetPass = Callable[[str], str]
+
+
+class CommandError(Exception):
+    """A user-facing failure; its text becomes the one ``mailgate: error:`` line."""
+
+
+class _ParserExit(Exception):
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports through exceptions, so main() writes to the streams it was given."""
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise _ParserExit(status, message or "")
+
+    def error(self, message: str) -> NoReturn:
+        raise _ParserExit(2, f"{self.format_usage()}{self.prog}: error: {message}\n")
+
+    def print_help(self, file: object = None) -> None:
+        raise _ParserExit(0, self.format_help())
+
+    def print_usage(self, file: object = None) -> None:
+        raise _ParserExit(0, self.format_usage())
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(prog="mailgate", description="mailgate administration")
+    parser.add_argument(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"state directory holding 'users' and 'mail/' (default {DEFAULT_STATE_DIR})",
+    )
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    user = groups.add_parser("user", help="manage accounts")
+    actions = user.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in (
+        ("add", "create an account and its Maildir; password from stdin or a prompt"),
+        ("passwd", "change an account's password"),
+        ("del", "delete an account (its mail is kept on disk)"),
+    ):
+        sub = actions.add_parser(name, help=text)
+        sub.add_argument("address", metavar="ADDRESS", help="full account address local@domain")
+    actions.add_parser("list", help="list accounts, one per line")
+    return parser
+
+
+def _parse_address(text: str) -> Address:
+    if "@" not in text:
+        raise CommandError(f"address {text!r} has no domain (use local@domain)")
+    try:
+        return parse_account(text, default_domain="")
+    except AddressError as e:
+        raise CommandError(f"bad address {text!r}: {e}") from None
+
+
+def _read_password(stdin: IO[str], getpass_fn: GetPass) -> str:
+    if stdin.isatty():
+        first = getpass_fn("New password: ")
+        if getpass_fn("Retype new password: ") != first:
+            raise CommandError("passwords do not match")
+        password = first
+    else:
+        password = stdin.readline()
+        if password.endswith("\n"):
+            password = password[:-1]
+        if password.endswith("\r"):
+            password = password[:-1]
+    if not password:
+        raise CommandError("empty password")
+    if any(c in password for c in "\x00\r\n"):
+        raise CommandError("password contains a control character it cannot be typed with")
+    return password
+
+
+def _make_maildir(state_dir: str, address: Address) -> None:
+    maildir = os.path.join(state_dir, "mail", address.domain, address.local, "Maildir")
+    for sub in ("new", "cur", "tmp"):
+        os.makedirs(os.path.join(maildir, sub), mode=0o700, exist_ok=True)
+
+
+class _Commands:
+    def __init__(self, state_dir: str, stdin: IO[str], stdout: IO[str], getpass_fn: GetPass):
+        self.state_dir = state_dir
+        self.users_path = os.path.join(state_dir, "users")
+        self.stdin = stdin
+        self.stdout = stdout
+        self.getpass_fn = getpass_fn
+
+    def db(self) -> UserFile:
+        return UserFile(self.users_path)
+
+    def add(self, text: str) -> None:
+        address = _parse_address(text)
+        if address in self.db().list():  # fail before asking for a password
+            raise CommandError(f"user {address} already exists")
+        password = _read_password(self.stdin, self.getpass_fn)
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.db().add(address, hash_password(password))
+        _make_maildir(self.state_dir, address)
+
+    def passwd(self, text: str) -> None:
+        address = _parse_address(text)
+        if address not in self.db().list():
+            raise CommandError(f"no such user {address}")
+        password = _read_password(self.stdin, self.getpass_fn)
+        self.db().set_hash(address, hash_password(password))
+
+    def delete(self, text: str) -> None:
+        self.db().delete(_parse_address(text))
+
+    def list(self) -> None:
+        self.stdout.write("".join(f"{a}\n" for a in self.db().list()))
+
+
+def main(
+    argv: list[str],
+    stdin: IO[str] | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+    *,
+    getpass_fn: GetPass | None = None,
+) -> int:
+    """Run one admin command; returns the exit status (0 ok, 1 failure, 2 usage)."""
+    stdin = stdin if stdin is not None else sys.stdin
+    stdout = stdout if stdout is not None else sys.stdout
+    stderr = stderr if stderr is not None else sys.stderr
+    try:
+        args = _build_parser().parse_args(argv)
+    except _ParserExit as e:
+        (stdout if e.status == 0 else stderr).write(e.text)
+        return e.status
+    commands = _Commands(args.state_dir, stdin, stdout, getpass_fn or getpass.getpass)
+    try:
+        if args.action == "list":
+            commands.list()
+        elif args.action == "add":
+            commands.add(args.address)
+        elif args.action == "passwd":
+            commands.passwd(args.address)
+        elif args.action == "del":
+            commands.delete(args.address)
+        else:  # pragma: no cover - argparse only accepts the choices above
+            raise CommandError(f"unknown action {args.action!r}")
+    except (CommandError, UserDatabaseError) as e:
+        message = " ".join(str(e).split())
+        stderr.write(f"mailgate: error: {message}\n")
+        return 1
+    except OSError as e:
+        stderr.write(f"mailgate: error: {e.filename or args.state_dir}: {e.strerror}\n")
+        return 1
+    except (KeyboardInterrupt, EOFError):
+        stderr.write("mailgate: error: interrupted\n")
+        return 1
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main(sys.argv[1:], sys.stdin, sys.stdout, sys.stderr))
