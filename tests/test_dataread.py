@@ -59,9 +59,9 @@ def test_bytewise_feeding_gives_same_result() -> None:
 def test_smuggling_sequences_never_end_data(smuggle: bytes) -> None:
     data = b"hello" + smuggle + b"MAIL FROM:<evil@x>\r\n"
     for mode in ("normalize", "reject"):
-        content, rest, _ = read([data], bare_newline=mode)
+        _, rest, _ = read([data], bare_newline=mode)
         assert rest is None, (smuggle, mode)
-        content, rest, _ = read(bytewise(data), bare_newline=mode)
+        _, rest, _ = read(bytewise(data), bare_newline=mode)
         assert rest is None, (smuggle, mode)
 
 
@@ -114,7 +114,7 @@ def test_line_limit_boundary() -> None:
 def test_size_limit_counts_crlf_and_keeps_reading() -> None:
     body = b"abc\r\n" * 10  # 50 octets
     assert read([body + b".\r\n"], max_size=50)[2].status is DataStatus.OK
-    content, rest, reader = read([body + b".\r\nNOOP\r\n"], max_size=49)
+    _, rest, reader = read([body + b".\r\nNOOP\r\n"], max_size=49)
     assert reader.status is DataStatus.TOO_BIG
     assert rest == b"NOOP\r\n"
     assert reader.size == 50
