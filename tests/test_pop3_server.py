@@ -8,9 +8,12 @@ and user database, so the cred plumbing is exercised exactly as in production.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import poplib
+import ssl
 from collections.abc import Sequence
+from pathlib import Path
 from typing import IO, Any, cast
 
 from twisted.cred.portal import Portal
@@ -22,6 +25,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, capturedLogs, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -780,6 +784,14 @@ class Transaction(unittest.TestCase):
         assert ALICE not in self.store.locked
         assert len(self.store.mailboxes[ALICE]) == 2
 
+    def test_autologout_and_session_end_are_logged(self) -> None:
+        events: Sequence[LogEvent]
+        with capturedLogs() as events:
+            self.s.clock.advance(600)
+            self.s.drop()
+        text = "\n".join(formatEvent(e) for e in events)
+        assert "autologout" in text and "alice" in text
+
     def test_timer_suspended_while_streaming(self) -> None:
         s = self.s
         s.send(b"RETR 1\r\n", pump=False)
@@ -985,3 +997,84 @@ class RealSocket(unittest.TestCase):
         d: Deferred[Any] = deferToThread(client)
         d.addCallback(check)
         return d
+
+
+BIG = b"Subject: big\n\n" + (b"x" * 99 + b"\n" + b".\n") * 3000 + b".last\n"
+
+
+class RealTls(unittest.TestCase):
+    """STLS and POP3S against a real TLS stack: the pull producer under TLSMemoryBIOProtocol."""
+
+    def setUp(self) -> None:
+        from mailgate.tls import make_self_signed, server_context
+
+        tmp = Path(self.mktemp())
+        tmp.mkdir()
+        make_self_signed(tmp / "cert.pem", tmp / "key.pem", "localhost")
+        self.context = server_context(tmp / "cert.pem", tmp / "key.pem")
+        self.store = with_messages(MSG1, BIG)
+
+    def listen(self, implicit: bool) -> int:
+        reactor: Any = global_reactor
+        settings = Pop3Settings(
+            hostname="localhost",
+            tls_context=self.context,
+            implicit_tls=implicit,
+            allow_plaintext=lambda host: False,
+        )
+        factory: Any = Pop3Factory(make_portal(self.store), settings, reactor)
+        if implicit:
+            factory = TLSMemoryBIOFactory(self.context, False, factory)
+        tcp: IReactorTCP = reactor
+        port = tcp.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return cast(IPv4Address, port.getHost()).port
+
+    @staticmethod
+    def client_context() -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def fetch(self, pop: poplib.POP3) -> tuple[list[bytes], dict[str, list[str]]]:
+        capa = pop.capa()
+        pop.user("alice")
+        pop.pass_("secret")
+        _, lines, _ = pop.retr(2)
+        pop.quit()
+        return lines, capa
+
+    def check(self, result: tuple[list[bytes], dict[str, list[str]]]) -> None:
+        lines, capa = result
+        assert "USER" in capa and "STLS" not in capa
+        assert b"\n".join(lines) + b"\n" == BIG
+
+    def test_stls(self) -> Deferred[None]:
+        portnum = self.listen(implicit=False)
+
+        def client() -> tuple[list[bytes], dict[str, list[str]]]:
+            pop = poplib.POP3("127.0.0.1", portnum, timeout=10)
+            before = pop.capa()
+            assert "STLS" in before and "USER" not in before
+            with contextlib.suppress(poplib.error_proto):
+                pop.user("alice")
+                raise AssertionError("USER accepted before TLS")
+            pop.stls(self.client_context())
+            return self.fetch(pop)
+
+        d: Deferred[Any] = deferToThread(client)
+        return d.addCallback(self.check)
+
+    def test_implicit_tls(self) -> Deferred[None]:
+        portnum = self.listen(implicit=True)
+
+        def client() -> tuple[list[bytes], dict[str, list[str]]]:
+            pop = poplib.POP3_SSL("127.0.0.1", portnum, timeout=10, context=self.client_context())
+            with contextlib.suppress(poplib.error_proto):
+                pop.stls(self.client_context())
+                raise AssertionError("STLS accepted on POP3S")
+            return self.fetch(pop)
+
+        d: Deferred[Any] = deferToThread(client)
+        return d.addCallback(self.check)

@@ -203,6 +203,7 @@ class Pop3Server(Protocol, TimeoutMixin):
         self._messages: Sequence[MessageInfo] = ()
         self._deleted: set[int] = set()
         self._stream: MessageStream | None = None
+        self._ended_by = "connection lost"  # for the session-end log line
 
     # -- transport plumbing ---------------------------------------------------------------
 
@@ -262,15 +263,15 @@ class Pop3Server(Protocol, TimeoutMixin):
         self._logout = None
         self._maildrop = None
         log.info(
-            "POP3 session ended for {peer} (user {login!r}, {how})",
+            "POP3 session from {peer} ended by {how} (user {login!r})",
             peer=self._peer,
             login=self._login_name or None,
-            how="QUIT" if previous is State.UPDATE else "no UPDATE",
+            how=self._ended_by,
         )
 
     def timeoutConnection(self) -> None:
         """Autologout: close without a reply and without UPDATE (connectionLost releases)."""
-        log.info("POP3 autologout of {peer}", peer=self._peer)
+        self._ended_by = "autologout"
         self._close()
 
     # -- line processing ------------------------------------------------------------------
@@ -440,7 +441,10 @@ class Pop3Server(Protocol, TimeoutMixin):
             result = step()
         except sasl.SaslError:
             self._end_sasl()
-            self._credential_failure(b"")
+            log.warn(
+                "POP3 malformed {mech} exchange from {peer}", mech=mechanism.name, peer=self._peer
+            )
+            self._credential_failure()
             return
         if isinstance(result, sasl.Challenge):
             self._mechanism = mechanism
@@ -474,6 +478,7 @@ class Pop3Server(Protocol, TimeoutMixin):
 
     def _do_quit_authorization(self, command: Command) -> None:
         self._send(ok(f"{self.settings.hostname} signing off"))
+        self._ended_by = "QUIT"
         self._close()
 
     # -- login through the portal ---------------------------------------------------------
@@ -510,7 +515,7 @@ class Pop3Server(Protocol, TimeoutMixin):
         self._busy = False
         if isinstance(failure.value, LoginFailed):
             log.warn("POP3 failed login {login!r} from {peer}", login=name, peer=self._peer)
-            self._credential_failure(name.encode("utf-8"))
+            self._credential_failure()
         elif isinstance(failure.value, MaildropInUse):
             log.info("POP3 maildrop of {login!r} in use", login=name)
             self._send(err("Maildrop already locked by another session", ResponseCode.IN_USE))
@@ -522,12 +527,13 @@ class Pop3Server(Protocol, TimeoutMixin):
             self._send(err("Temporary server failure", ResponseCode.SYS_TEMP))
         self._process()
 
-    def _credential_failure(self, name: bytes) -> None:
+    def _credential_failure(self) -> None:
         """Reply to a failed login; too many of them in one session end it."""
         self._failures += 1
         self._send(err("Authentication failed", ResponseCode.AUTH))
         if self._failures >= self.settings.max_failures:
             log.warn("POP3 too many failed logins from {peer}, closing", peer=self._peer)
+            self._ended_by = "too many failed logins"
             self._close()
 
     # -- TRANSACTION ----------------------------------------------------------------------
@@ -604,6 +610,7 @@ class Pop3Server(Protocol, TimeoutMixin):
             return
         if not success:
             # Part of the message is on the wire already; no honest reply is possible.
+            self._ended_by = "message read error"
             self._close()
             return
         self._busy = False
@@ -660,6 +667,7 @@ class Pop3Server(Protocol, TimeoutMixin):
         self._logout = None  # commit (or the explicit release) has let go of the lock
         if self.state is State.UPDATE:
             self._transport.write(reply)
+            self._ended_by = "QUIT"
             self._close()
 
 
@@ -682,7 +690,7 @@ _HANDLERS: dict[tuple[State, str], Handler] = {
     (State.TRANSACTION, "QUIT"): Pop3Server._do_quit_transaction,
 }
 #: Verbs we know but refuse in the current state (vs. "Unknown command").
-_KNOWN_VERBS = frozenset(verb for _, verb in _HANDLERS) | {"APOP"}
+_KNOWN_VERBS = frozenset(verb for _, verb in _HANDLERS)
 
 
 class Pop3Factory(ServerFactory):
