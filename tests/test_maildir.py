@@ -337,7 +337,7 @@ class LockTests(MaildirTestCase):
     def test_lock_held_by_another_process(self) -> None:
         self.open().release()  # create the Maildir and lock file
         lock = str(self.maildir() / "mailgate.lock")
-        holder = subprocess.Popen(
+        with subprocess.Popen(
             [
                 sys.executable,
                 "-c",
@@ -350,15 +350,14 @@ class LockTests(MaildirTestCase):
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-        )
-        try:
+        ) as holder:
             assert holder.stdout is not None and holder.stdin is not None
-            assert holder.stdout.readline() == b"locked\n"
-            failure_of(self.store.open_maildrop(ALICE), MaildropInUse)
-        finally:
-            assert holder.stdin is not None
-            holder.stdin.close()
-            holder.wait()
+            try:
+                assert holder.stdout.readline() == b"locked\n"
+                failure_of(self.store.open_maildrop(ALICE), MaildropInUse)
+            finally:
+                holder.stdin.close()
+                holder.wait()
         self.open().release()
 
 
