@@ -57,7 +57,9 @@ class Submission:
         )
 
     def open_message(self, envelope: Envelope) -> IMessageSink:
-        local = Envelope(envelope.sender, tuple(r.canonical() for r in envelope.recipients))
+        # One copy per mailbox, however often the client named it.
+        recipients = tuple(dict.fromkeys(r.canonical() for r in envelope.recipients))
+        local = Envelope(envelope.sender, recipients)
         return self._store.open_delivery(local)
 
 

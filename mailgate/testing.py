@@ -95,7 +95,7 @@ class MemorySink:
         if self._store.fail_deliveries:
             return fail(OSError("disk full"))
         data = b"".join(self._parts)
-        for rcpt in self.envelope.recipients:
+        for rcpt in dict.fromkeys(self.envelope.recipients):  # one copy per mailbox
             self._store.deliver(rcpt, data)
         self.finished = True
         self._store.delivered.append((self.envelope, data))
