@@ -24,7 +24,7 @@ from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITLSTransport
-from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -821,7 +821,7 @@ SmtpServer._table = _build_table()
 SmtpServer._known = frozenset(verb for _, verb in SmtpServer._table)
 
 
-class SmtpFactory(Factory):
+class SmtpFactory(ServerFactory):
     """Builds :class:`SmtpServer` sessions sharing one portal, policy and clock.
 
     ``anonymous`` gives the avatar for clients of trusted networks that submit without AUTH.
