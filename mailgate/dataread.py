@@ -138,6 +138,24 @@ class DataReader:
         self._after_crlf = crlf
         return False
 
+    def _fast(self, data: bytes, out: list[bytes]) -> bool:
+        """Whole chunk at C speed when it is plain CRLF text: no dot at a line start, no
+        bare CR/LF, no over-long line. Anything else (including the end) takes the line loop,
+        which gives the same result."""
+        if self._dot_held or (self._line_len == 0 and data[:1] == b".") or b"\r\n." in data:
+            return False
+        n = data.count(b"\r\n")
+        if n == 0 or data.count(b"\r") != n or data.count(b"\n") != n:
+            return False
+        lines = data.split(b"\r\n")
+        longest = max(self._line_len + len(lines[0]), *map(len, lines[1:]))
+        if longest > self._max_line:
+            return False
+        self._content(data.replace(b"\r\n", b"\n"), out)
+        self._line_len = len(lines[-1])
+        self._after_crlf = True
+        return True
+
     def feed(self, data: bytes) -> bytes | None:
         """Take the next chunk; None while the data goes on, else the bytes after the end."""
         if self.done:
@@ -150,6 +168,10 @@ class DataReader:
             data = data[:-1]
             self._pending_cr = True
         out: list[bytes] = []
+        if self._fast(data, out):
+            if out:
+                self._emit(b"".join(out))
+            return None
         pos = 0
         rest: bytes | None = None
         for m in _NEWLINE.finditer(data):

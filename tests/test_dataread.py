@@ -206,3 +206,28 @@ def test_stuff_unstuff_round_trip(content: bytes, size: int) -> None:
     assert rest == b""
     assert out == content
     assert reader.size == len(encode_all([content], stuff=False))
+
+
+@given(_pieces, st.integers(min_value=1, max_value=64), st.sampled_from(["normalize", "reject"]))
+def test_fast_path_agrees_with_line_loop(pieces: list[bytes], size: int, mode: str) -> None:
+    data = b"".join(pieces) + b"\r\n" + b"plain line\r\n" * 5 + b".\r\nNEXT"
+    chunks = [data[i : i + size] for i in range(0, len(data), size)]
+    fast = read(chunks, bare_newline=mode, line_limit=40)
+
+    class Slow(DataReader):
+        def _fast(self, data: bytes, out: list[bytes]) -> bool:
+            return False
+
+    out: list[bytes] = []
+    slow = Slow(out.append, bare_newline=mode, line_limit=40)
+    rest = None
+    for i, chunk in enumerate(chunks):
+        rest = slow.feed(chunk)
+        if rest is not None:
+            rest += b"".join(chunks[i + 1 :])
+            break
+    assert fast[1] == rest
+    assert fast[2].status is slow.status
+    assert fast[2].size == slow.size
+    if slow.status is DataStatus.OK:
+        assert fast[0] == b"".join(out)
