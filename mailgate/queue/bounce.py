@@ -38,12 +38,15 @@ class FailedRecipient:
 
 
 def status_from_reply(code: int | None, text: str | None) -> str:
-    """The x.y.z status of an SMTP reply: its enhanced code if it has a matching one."""
+    """The x.y.z status of an SMTP reply: its enhanced code if it has a matching one.
+
+    ``code`` 0 or None means no reply was received (connection-level); the text decides.
+    """
     if text:
         m = _ENHANCED.match(text.strip())
-        if m and (code is None or str(code)[0] == m.group(1)):
+        if m and (not code or str(code)[0] == m.group(1)):
             return f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
-    if code is not None and 400 <= code < 500:
+    if code and 400 <= code < 500:
         return "4.0.0"
     return "5.0.0"
 
