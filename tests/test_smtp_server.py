@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTCP, ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -867,3 +868,31 @@ class RealSocketTests(unittest.TestCase):
             assert got == [535, 530, 553, 552, 250]
 
         return threads.deferToThread(client).addCallback(check)  # type: ignore[return-value]
+
+
+class LoggingTests(unittest.TestCase):
+    def test_auth_failure_logged_without_password(self) -> None:
+        s = Session()
+        s.starttls()
+        s.cmd("EHLO c")
+        with capturedLogs() as events:
+            s.cmd(b"AUTH PLAIN " + b64(b"\0alice\0Sup3rSecretPw"))
+            s.cmd("AUTH LOGIN")
+            s.cmd(b64(b"bob"))
+            s.cmd(b64(b"0therSecretPw"))
+        text = "\n".join(formatEvent(e) for e in events)
+        assert "login=alice" in text and "login=bob" in text
+        assert "peer=192.0.2.10" in text
+        assert "Sup3rSecretPw" not in text and "0therSecretPw" not in text
+        assert "Sup3rSecretPw" not in repr(events)
+
+    def test_submission_logged(self) -> None:
+        s = Session()
+        s.login()
+        with capturedLogs() as events:
+            out = submit(s, b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        qid = out.decode().split()[-1]
+        text = "\n".join(formatEvent(e) for e in events)
+        assert f"id={qid}" in text
+        assert "from=<alice@example.com>" in text and "to=bob@example.com" in text
+        assert "user=alice@example.com" in text and "peer=192.0.2.10" in text
