@@ -99,7 +99,7 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_command_line_overrides() -> None:
     o = Options()
-    o.parseOptions(
+    o.parseOptions(  # type: ignore[no-untyped-call]
         [
             "--state-dir",
             "/tmp/x",

@@ -194,7 +194,11 @@ class _BodySender:
 
 
 class SmtpClientProtocol(LineReceiver):
-    """One SMTP client session delivering one :class:`Transaction`; see :attr:`done`."""
+    """One SMTP client session delivering one :class:`Transaction`.
+
+    :attr:`done` fires with the :class:`AttemptOutcome` when the connection has closed (after
+    QUIT, a timeout or a failure), so nothing of the session outlives it.
+    """
 
     delimiter = b"\r\n"
     MAX_LENGTH = 4096
@@ -237,6 +241,7 @@ class SmtpClientProtocol(LineReceiver):
         self._pipelining = False
         self._reached_transaction = False
         self._finished = False
+        self._outcome: AttemptOutcome | None = None
         self._quitting = False
         self._sender: _BodySender | None = None
         self._handlers: dict[Phase, Callable[[Reply], None]] = {
@@ -321,6 +326,8 @@ class SmtpClientProtocol(LineReceiver):
         else:
             text = f"4.4.2 lost connection with {self.remote_name}"
         self._fail_remaining(0, text)
+        if not self.done.called and self._outcome is not None:
+            self.done.callback(self._outcome)
 
     # -- results ---------------------------------------------------------------------
 
@@ -335,11 +342,12 @@ class SmtpClientProtocol(LineReceiver):
         self._finish()
 
     def _finish(self) -> None:
+        """Freeze the outcome; :attr:`done` fires once the connection is closed."""
         if self._finished:
             return
         self._finished = True
         results = [self._results[r] for r in self.txn.recipients]
-        self.done.callback(AttemptOutcome(results, try_next=not self._reached_transaction))
+        self._outcome = AttemptOutcome(results, try_next=not self._reached_transaction)
 
     def _quit(self) -> None:
         """Results are known: say goodbye politely, but never wait long for it."""

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +60,15 @@ def wait_for_ports(proc: subprocess.Popen[bytes], ports: list[int], log: Path) -
 
 
 def twistd_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "twisted", "-n", "--pidfile=", "mailgate", *args]
+    return [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        "mailgate",
+        *args,
+    ]
 
 
 @dataclass
@@ -122,7 +130,7 @@ class Gateway:
         return self.log.read_text(errors="replace")
 
 
-def make_gateway(tmp_path: Path, *extra: str) -> Iterator[Gateway]:
+def make_gateway(tmp_path: Path, *extra: str) -> Generator[Gateway, None, None]:
     state = tmp_path / "state"
     gw = Gateway(state, free_port(), free_port(), free_port(), free_port(), tmp_path / "twistd.log")
     for address, password in gw.users.items():

@@ -2,7 +2,7 @@
 
 from twisted.application.service import ServiceMaker
 
-mailgate = ServiceMaker(
+mailgate = ServiceMaker(  # type: ignore[no-untyped-call]
     "mailgate",
     "mailgate.tap",
     "POP3 and SMTP submission gateway (STLS/STARTTLS, AUTH, Maildir)",
