@@ -1,5 +1,8 @@
 """The relay client against an in-test SMTP sink on 127.0.0.1, plus MX selection and timeouts."""
 
+# trial's assertion methods, LineReceiver.sendLine and StringTransport are untyped in Twisted.
+# mypy: disable-error-code="no-untyped-call"
+
 from __future__ import annotations
 
 import base64
@@ -68,7 +71,7 @@ class SinkFactory(Factory):
         self.auth_ok = False
         self.tls_done = False
 
-    def buildProtocol(self, addr: Any) -> SinkServer:
+    def buildProtocol(self, addr: Any) -> SinkServer:  # type: ignore[override]
         p = SinkServer()
         p.factory = self
         return p
@@ -186,7 +189,7 @@ def make_ca_and_leaf(dns_name: str) -> tuple[bytes, bytes]:
 
 
 class RelayClientTests(unittest.TestCase):
-    def setUp(self) -> Deferred[None]:
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]
         self.sink = SinkFactory()
         d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.sink)
 
@@ -195,7 +198,8 @@ class RelayClientTests(unittest.TestCase):
             self.addCleanup(port.stopListening)
             self.port_number: int = port.getHost().port  # type: ignore[attr-defined]
 
-        return d.addCallback(listening)
+        result: Deferred[None] = d.addCallback(listening)
+        return result
 
     def relay(self, tls: str = "none", **kwargs: Any) -> SmtpRelay:
         return SmtpRelay(
@@ -277,7 +281,6 @@ class RelayClientTests(unittest.TestCase):
         self.assertEqual(data[65536:65537], b".")
         results = yield self.relay().deliver(ALICE, [BOB], self.message(data))
         self.assertEqual(results[0].status, "sent")
-        self.assertIn(b"354", b"") if False else None  # noqa: SIM108
         body_start = self.sink.raw.index(b"DATA\r\n") + len(b"DATA\r\n")
         wire = self.sink.raw[body_start:]
         self.assertTrue(wire.startswith(b"..first line\r\n"))
@@ -519,7 +522,7 @@ def test_greeting_timeout() -> None:
 
 
 def test_lost_after_data_sent_is_temp_for_all() -> None:
-    p, clock, t, out = client((BOB, CAROL))
+    p, _, t, out = client((BOB, CAROL))
     p.dataReceived(b"220 hi\r\n")
     p.dataReceived(b"250-mx.test\r\n250 PIPELINING\r\n")
     assert t.value().endswith(b"RCPT TO:<carol@remote.example>\r\n")
@@ -548,7 +551,7 @@ def test_data_termination_timeout_is_ten_minutes() -> None:
 
 
 def test_malformed_reply_is_temp() -> None:
-    p, clock, t, out = client()
+    p, _, _, out = client()
     p.dataReceived(b"hello there\r\n")
     p.connectionLost(None)
     assert out[0].results[0].status == "temp"
