@@ -11,7 +11,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import crypto
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 
 from mailgate.errors import ConfigError
@@ -102,19 +101,17 @@ def server_context(cert_path: Path, key_path: Path) -> CertificateOptions:
     except OSError as e:
         raise ConfigError(f"TLS: cannot read {e.filename}: {e.strerror}") from e
     try:
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
-        chain = [
-            crypto.load_certificate(crypto.FILETYPE_PEM, block)
-            for block in _pem_blocks(cert_pem, b"CERTIFICATE")
-        ]
-    except crypto.Error as e:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        chain = [x509.load_pem_x509_certificate(b) for b in _pem_blocks(cert_pem, b"CERTIFICATE")]
+    except (ValueError, TypeError) as e:
         raise ConfigError(f"TLS: {cert_path} or {key_path} is not valid PEM") from e
     if not chain:
         raise ConfigError(f"TLS: no certificate in {cert_path}")
+    # pyOpenSSL now wants cryptography objects (its own are deprecated); Twisted's stubs lag.
     return CertificateOptions(
-        privateKey=key,
-        certificate=chain[0],
-        extraCertChain=chain[1:],
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=chain[0],  # type: ignore[arg-type]
+        extraCertChain=chain[1:],  # type: ignore[arg-type]
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
 

@@ -47,6 +47,7 @@ def curl_submit(gw: Gateway, url: str, mech: str, tmp: Path) -> None:
     curl(
         gw,
         url,
+        "--ssl-reqd",
         "--login-options",
         f"AUTH={mech}",
         "-u",
@@ -111,7 +112,7 @@ def fetchmail(gw: Gateway, home: Path, ssl_opts: str, port: int, out: Path) -> i
         f'set idfile "{home}/.fetchids"\n'
         f"poll 127.0.0.1 with proto POP3 port {port} uidl\n"
         f'  user "bob@example.com" there with password "bob-secret-2" is "root" here\n'
-        f'  options keep {ssl_opts} sslcertck sslcertfile "{gw.cert}"\n'
+        f'  options keep {ssl_opts} sslcertck sslcertfile "{gw.cert}" sslcommonname "localhost"\n'
         f'  mda "cat >> {out}"\n'
     )
     os.chmod(rc, 0o600)

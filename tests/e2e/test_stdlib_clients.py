@@ -86,9 +86,9 @@ def test_wrong_password_is_refused_with_auth_code(gateway: Gateway) -> None:
     p = poplib.POP3_SSL("127.0.0.1", gateway.pop3s, context=tls_context(gateway), timeout=30)
     p.user("alice@example.com")
     with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
-        p.pass_("wrong")
+        p.pass_("Wr0ng-Pa55-zz")
     p.quit()
-    assert "wrong" not in gateway.log_text()
+    assert "Wr0ng-Pa55-zz" not in gateway.log_text()
     assert "alice@example.com" in gateway.log_text()
 
 
