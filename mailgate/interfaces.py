@@ -31,6 +31,7 @@ class IMaildrop(Interface):
     """
 
     messages = Attribute("Sequence[MessageInfo]: the snapshot, in delivery order")
+    account = Attribute("Address: whose maildrop this is (XTND XMIT sends as this account)")
 
     def open_message(index: int) -> IO[bytes]:
         """Open the stored bytes of message ``index`` (any line ends; the caller normalises)."""

@@ -50,6 +50,7 @@ class MemoryMaildrop:
     """A snapshot over a :class:`MemoryMailStore` mailbox."""
 
     def __init__(self, store: MemoryMailStore, address: Address) -> None:
+        self.account = address
         self._store = store
         self._address = address
         self._snapshot = list(store.mailboxes.get(address, []))

@@ -179,10 +179,10 @@ class MaildirStore:
         except AddressError:
             _log.warn("refusing unsafe mailbox name {address!r}", address=str(address))
             return fail(MaildropUnavailable("unsafe mailbox name"))
-        d: Deferred[IMaildrop] = self._run(self._open_maildrop_blocking, maildir)
+        d: Deferred[IMaildrop] = self._run(self._open_maildrop_blocking, maildir, address)
         return d
 
-    def _open_maildrop_blocking(self, maildir: str) -> IMaildrop:
+    def _open_maildrop_blocking(self, maildir: str, address: Address) -> IMaildrop:
         try:
             self.ensure_maildir(maildir)
             fd = os.open(os.path.join(maildir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
@@ -208,7 +208,7 @@ class MaildirStore:
         except BaseException:
             os.close(fd)
             raise
-        return MaildirMaildrop(self, maildir, fd, messages)
+        return MaildirMaildrop(self, maildir, fd, messages, address)
 
 
 class _Scanner:
@@ -374,8 +374,14 @@ class MaildirMaildrop:
     """A locked snapshot of one Maildir; holds the flock until commit() or release()."""
 
     def __init__(
-        self, store: MaildirStore, maildir: str, lock_fd: int, messages: Sequence[MessageInfo]
+        self,
+        store: MaildirStore,
+        maildir: str,
+        lock_fd: int,
+        messages: Sequence[MessageInfo],
+        account: Address,
     ) -> None:
+        self.account = account
         self._store = store
         self._cur = os.path.join(maildir, "cur")
         self._lock_fd: int | None = lock_fd
