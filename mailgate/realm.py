@@ -1,26 +1,85 @@
 """The one realm both protocols log in through.
 
 POP3 asks for an :class:`IMaildrop` (the locked snapshot of the account's Maildir); SMTP
-submission and XTND XMIT ask for an :class:`ISubmission` (what this user may send).
+submission and XTND XMIT ask for an :class:`ISubmission` (what this user may send). Both
+sending paths get the same object, so they follow the same rules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from twisted.cred.portal import IRealm
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgate.errors import RelayDenied, SenderNotOwned, UnknownRecipient
-from mailgate.interfaces import IMaildrop, IMailStore, IMessageSink, ISubmission, IUserDatabase
+from mailgate.interfaces import (
+    IMaildrop,
+    IMailStore,
+    IMessageSink,
+    IOutboundQueue,
+    ISubmission,
+    IUserDatabase,
+)
 from mailgate.model import Address, Envelope
+
+
+@implementer(IMessageSink)
+class SplitSink:
+    """One message going to local mailboxes and to the outbound spool at once.
+
+    finish() fires only when every part is durable; if one part fails the others are
+    aborted where they still can be, and the failure is reported (the client retries).
+    """
+
+    def __init__(self, parts: Sequence[IMessageSink]) -> None:
+        self._parts = list(parts)
+        self.queue_id: str = parts[-1].queue_id
+
+    def write(self, data: bytes) -> None:
+        for part in self._parts:
+            part.write(data)
+
+    def finish(self) -> Deferred[str]:
+        # Local copies first: a failure there must not leave remote copies already queued.
+        first, *rest = self._parts
+        d = first.finish()
+
+        def next_parts(_: str) -> Deferred[str]:
+            dl = DeferredList([p.finish() for p in rest], consumeErrors=True)
+
+            def check(results: list[tuple[bool, Any]]) -> str:
+                for ok, value in results:
+                    if not ok:
+                        assert isinstance(value, Failure)
+                        value.raiseException()
+                return self.queue_id
+
+            return dl.addCallback(check)
+
+        def abort_rest(failure: Failure) -> Failure:
+            for p in rest:
+                p.abort()
+            return failure
+
+        return d.addCallbacks(next_parts, abort_rest)
+
+    def abort(self) -> None:
+        for part in self._parts:
+            part.abort()
 
 
 @implementer(ISubmission)
 class Submission:
-    """The sending rights of one session: own addresses as sender, local recipients only."""
+    """The sending rights of one session.
+
+    Senders: the account's own address (or the null path). Recipients: existing local
+    mailboxes, and remote addresses when an outbound queue exists (the session is
+    authenticated, or comes from a trusted network, or it would not have this avatar).
+    """
 
     def __init__(
         self,
@@ -28,39 +87,58 @@ class Submission:
         store: IMailStore,
         users: IUserDatabase,
         local_domains: Collection[str],
+        queue: IOutboundQueue | None = None,
     ) -> None:
         self.address = address
         self._store = store
         self._users = users
         self._local_domains = frozenset(d.lower() for d in local_domains)
+        self._queue = queue
+
+    def is_local(self, address: Address) -> bool:
+        return address.domain in self._local_domains
 
     def check_sender(self, sender: Address | None) -> None:
         if sender is None:
             return  # the null reverse-path (MDNs, Eudora default) is always allowed
         if self.address is None:
-            # Trusted-network clients send unauthenticated; they may use local-domain senders
-            # only if such an account exists... or any external address.
-            if sender.domain in self._local_domains and not self._users.exists(sender.canonical()):
+            # Trusted-network clients send unauthenticated: any external sender, but a local
+            # one only if that account exists.
+            if self.is_local(sender) and not self._users.exists(sender.canonical()):
                 raise SenderNotOwned("Sender address rejected: no such local user")
             return
         if sender.canonical() != self.address:
             raise SenderNotOwned("Sender address rejected: not owned by user")
 
     def check_recipient(self, recipient: Address) -> None:
-        if recipient.domain in self._local_domains:
+        if self.is_local(recipient):
             if not self._users.exists(recipient.canonical()):
                 raise UnknownRecipient("Recipient address rejected: user unknown")
             return
-        raise RelayDenied(
-            "Relay access denied: this server delivers to local mailboxes only "
-            "(relaying to other domains is not enabled)"
-        )
+        if self._queue is None:
+            raise RelayDenied(
+                "Relay access denied: this server delivers to local mailboxes only "
+                "(relaying to other domains is not enabled)"
+            )
 
     def open_message(self, envelope: Envelope) -> IMessageSink:
-        # One copy per mailbox, however often the client named it.
-        recipients = tuple(dict.fromkeys(r.canonical() for r in envelope.recipients))
-        local = Envelope(envelope.sender, recipients)
-        return self._store.open_delivery(local)
+        local: dict[Address, None] = {}
+        remote: dict[Address, None] = {}
+        for r in envelope.recipients:
+            if self.is_local(r):
+                local[r.canonical()] = None  # one copy per mailbox, however often named
+            else:
+                remote[r] = None
+        parts: list[IMessageSink] = []
+        if local:
+            parts.append(self._store.open_delivery(Envelope(envelope.sender, tuple(local))))
+        if remote:
+            if self._queue is None:
+                raise RelayDenied("Relay access denied")
+            parts.append(self._queue.open_message(Envelope(envelope.sender, tuple(remote))))
+        if len(parts) == 1:
+            return parts[0]
+        return SplitSink(parts)
 
 
 @implementer(IRealm)
@@ -68,15 +146,20 @@ class MailRealm:
     """Hands out a maildrop (POP3) or a submission avatar (SMTP, XTND XMIT)."""
 
     def __init__(
-        self, store: IMailStore, users: IUserDatabase, local_domains: Collection[str]
+        self,
+        store: IMailStore,
+        users: IUserDatabase,
+        local_domains: Collection[str],
+        queue: IOutboundQueue | None = None,
     ) -> None:
         self.store = store
         self.users = users
         self.local_domains = frozenset(d.lower() for d in local_domains)
+        self.queue = queue
 
     def submission_for(self, address: Address | None) -> Submission:
         """The submission avatar of ``address`` (None: an unauthenticated trusted client)."""
-        return Submission(address, self.store, self.users, self.local_domains)
+        return Submission(address, self.store, self.users, self.local_domains, self.queue)
 
     def requestAvatar(
         self, avatarId: bytes | tuple[()], mind: object, *interfaces: Any

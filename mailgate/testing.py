@@ -15,7 +15,13 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from mailgate.errors import MaildropInUse
-from mailgate.interfaces import IMaildrop, IMailStore, IMessageSink, IUserDatabase
+from mailgate.interfaces import (
+    IMaildrop,
+    IMailStore,
+    IMessageSink,
+    IOutboundQueue,
+    IUserDatabase,
+)
 from mailgate.model import Address, Envelope, MessageInfo
 from mailgate.wire import encode_all
 
@@ -131,3 +137,39 @@ class MemoryMailStore:
 
     def open_delivery(self, envelope: Envelope) -> IMessageSink:
         return MemorySink(self, envelope, f"Q{next(self._uids):06d}")
+
+
+@implementer(IOutboundQueue)
+class MemoryQueue:
+    """An outbound spool in a list: what was queued, and for whom."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[Envelope, bytes]] = []
+        self.fail = False
+        self._ids = itertools.count(1)
+
+    def open_message(self, envelope: Envelope) -> IMessageSink:
+        return _QueueSink(self, envelope, f"R{next(self._ids):06d}")
+
+
+@implementer(IMessageSink)
+class _QueueSink:
+    def __init__(self, queue: MemoryQueue, envelope: Envelope, queue_id: str) -> None:
+        self._queue = queue
+        self.envelope = envelope
+        self.queue_id = queue_id
+        self._parts: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        assert b"\r" not in data, "sinks take LF line ends only"
+        self._parts.append(data)
+
+    def finish(self) -> Deferred[str]:
+        if self._queue.fail:
+            return fail(OSError("spool full"))
+        self._queue.queued.append((self.envelope, b"".join(self._parts)))
+        return succeed(self.queue_id)
+
+    def abort(self) -> None:
+        self.aborted = True
