@@ -222,8 +222,10 @@ class ReceivedInfo:
 def _received(info: ReceivedInfo, when: float) -> bytes:
     ip = info.peer_ip
     literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+    # No HELO name at all (POP3 XTND XMIT has none): the address literal stands alone.
+    origin = f"{_clean(info.helo)} ({literal})" if info.helo else literal
     lines = [
-        f"Received: from {_clean(info.helo)} ({literal})",
+        f"Received: from {origin}",
         f"\tby {info.hostname} (mailgate) with {_clean(info.protocol, 32)} id {info.queue_id}",
     ]
     if len(info.recipients) == 1:

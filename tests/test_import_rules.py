@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
         "mailgate.pop3",
         "mailgate.dataread",
         "mailgate.headers",
+        "mailgate.recipients",
     },
     "mailgate.smtp": {
         "mailgate.interfaces",
@@ -58,6 +59,7 @@ ALLOWED: dict[str, set[str]] = {
         "mailgate.relay",
     },
     "mailgate.realm": {"mailgate.interfaces", "mailgate.model", "mailgate.errors"},
+    "mailgate.recipients": {"mailgate.model", "mailgate.errors"},
     "mailgate.tls": {"mailgate.model", "mailgate.errors"},
     "mailgate.config": {"mailgate.model", "mailgate.errors"},
 }

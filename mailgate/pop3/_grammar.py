@@ -146,11 +146,14 @@ def capabilities(
     mechanisms: Sequence[str],
     stls: bool,
     implementation: str | None,
+    xtnd_xmit: bool = False,
 ) -> list[bytes]:
     """The CAPA tags for one session (RFC 2449, 2595, 3206, 5034).
 
     ``mechanisms`` are those usable right now; ``implementation`` is shown only after login
     (the caller passes None before), so an anonymous prober learns nothing of the software.
+    ``xtnd_xmit`` adds the experimental ``XTND XMIT`` tag (off unless configured, like
+    qpopper, which never listed it).
     """
     tags = [b"TOP", b"UIDL"]
     if plaintext_ok:
@@ -162,7 +165,51 @@ def capabilities(
         tags.append(b"STLS")
     if implementation:
         tags.append(("IMPLEMENTATION " + _printable(implementation)[:200]).encode("ascii"))
+    if xtnd_xmit:
+        tags.append(b"XTND XMIT")
     return tags
+
+
+#: XTND subcommands we know, with their (minimum, maximum) argument counts.
+XTND_SUBCOMMANDS: dict[str, tuple[int, int]] = {"xmit": (0, 0), "xlst": (1, 2)}
+# RFC 5322 3.6.8 field name: printable US-ASCII except ":".
+_FIELD_NAME = frozenset(range(0x21, 0x7F)) - {ord(":")}
+
+
+@dataclass(frozen=True)
+class XtndCommand:
+    """A parsed ``XTND sub [args]``: ``sub`` lower-cased, ``args`` verbatim."""
+
+    sub: str
+    args: tuple[bytes, ...]
+
+
+def parse_xtnd(args: Sequence[bytes], enabled: Iterable[str]) -> XtndCommand:
+    """Check an XTND command line's arguments, with qpopper's exact error texts.
+
+    The subcommand is case-insensitive; a known but disabled one is as unknown as a
+    made-up one, so a client cannot tell the feature exists.
+    """
+    if not args:
+        raise Pop3SyntaxError("Too few arguments for the xtnd command.")
+    sub = args[0].decode("ascii", "replace").lower()
+    bounds = XTND_SUBCOMMANDS.get(sub)
+    if bounds is None or sub not in set(enabled):
+        raise Pop3SyntaxError(f'Unknown command: "xtnd {echo(args[0].lower())}".')
+    low, high = bounds
+    rest = tuple(args[1:])
+    if len(rest) < low:
+        raise Pop3SyntaxError(f"Too few arguments for the xtnd {sub} command.")
+    if len(rest) > high:
+        raise Pop3SyntaxError(f"Too many arguments for the xtnd {sub} command.")
+    return XtndCommand(sub, rest)
+
+
+def parse_field_name(arg: bytes) -> str:
+    """An XLST header field name (RFC 5322 ftext), e.g. ``Message-Id``."""
+    if not arg or len(arg) > 76 or any(c not in _FIELD_NAME for c in arg):
+        raise Pop3SyntaxError("Invalid header field name")
+    return arg.decode("ascii")
 
 
 class _TooLong:
@@ -198,6 +245,12 @@ class LineFramer:
         """Forget everything buffered (STLS: pipelined plaintext must never be processed)."""
         self._buffer.clear()
         self._discarding = False
+
+    def take(self) -> bytes:
+        """Hand over everything buffered, unframed (XTND XMIT reads the message raw)."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
 
     @property
     def buffered(self) -> int:

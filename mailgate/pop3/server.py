@@ -33,8 +33,9 @@ from zope.interface import implementer
 
 from mailgate import sasl
 from mailgate.errors import MaildropInUse, MaildropUnavailable
-from mailgate.interfaces import IMaildrop
-from mailgate.model import MessageInfo
+from mailgate.headers import MAX_HEADER_BYTES, MAX_HEADER_LINES
+from mailgate.interfaces import IMaildrop, ISubmission
+from mailgate.model import Address, MessageInfo
 from mailgate.pop3._grammar import (
     MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
@@ -50,9 +51,12 @@ from mailgate.pop3._grammar import (
     multiline,
     ok,
     parse_command,
+    parse_field_name,
     parse_line_count,
     parse_message_number,
+    parse_xtnd,
 )
+from mailgate.pop3.xtnd import XmitPolicy, XmitReceiver, first_header_lines
 from mailgate.wire import WireEncoder
 
 log = Logger()
@@ -85,6 +89,39 @@ class Pop3Settings:
     max_failures: int = 3
     #: Shown in CAPA IMPLEMENTATION, after login only.
     implementation: str = "mailgate"
+    #: XTND XMIT: send a message as the logged-in account (qpopper/Eudora "POP send").
+    xtnd_xmit: bool = False
+    #: Refuse XTND XMIT on a connection without TLS.
+    xtnd_xmit_require_tls: bool = False
+    #: List ``XTND XMIT`` in CAPA (TRANSACTION state only); qpopper never did.
+    xtnd_advertise: bool = False
+    #: XTND XLST header [n]: one header field of every (or one) message.
+    xtnd_xlst: bool = False
+    #: The domain given to bare recipient names in an XMIT message.
+    default_domain: str = "localhost"
+    #: XMIT message limits, with the same meaning as the SMTP submission settings.
+    max_size: int = 26214400
+    max_recipients: int = 100
+    bare_newline: str = "normalize"
+    long_lines: str = "reject"
+    #: XMIT: refuse a From: address the account may not send as.
+    enforce_from: bool = False
+    max_header_lines: int = MAX_HEADER_LINES
+    max_header_bytes: int = MAX_HEADER_BYTES
+
+    def xmit_policy(self) -> XmitPolicy:
+        """The XMIT limits of this listener (validated when the policy is built)."""
+        return XmitPolicy(
+            hostname=self.hostname,
+            default_domain=self.default_domain,
+            max_size=self.max_size,
+            max_recipients=self.max_recipients,
+            bare_newline=self.bare_newline,
+            long_lines=self.long_lines,
+            enforce_from=self.enforce_from,
+            max_header_lines=self.max_header_lines,
+            max_header_bytes=self.max_header_bytes,
+        )
 
 
 class State(Enum):
@@ -93,6 +130,7 @@ class State(Enum):
     AUTHORIZATION = auto()
     SASL = auto()  # an AUTH exchange waits for a continuation line
     TRANSACTION = auto()
+    XMIT = auto()  # XTND XMIT: input is message data up to the final "."
     UPDATE = auto()  # QUIT in TRANSACTION: the commit is running
     CLOSED = auto()
 
@@ -203,6 +241,8 @@ class Pop3Server(Protocol, TimeoutMixin):
         self._messages: Sequence[MessageInfo] = ()
         self._deleted: set[int] = set()
         self._stream: MessageStream | None = None
+        self._xmit: XmitReceiver | None = None
+        self._xmit_policy = settings.xmit_policy() if settings.xtnd_xmit else None
         self._ended_by = "connection lost"  # for the session-end log line
 
     # -- transport plumbing ---------------------------------------------------------------
@@ -257,6 +297,7 @@ class Pop3Server(Protocol, TimeoutMixin):
         if self._stream is not None:
             self._stream.stopProducing()
             self._stream = None
+        self._abort_xmit()
         if self._logout is not None and previous is not State.UPDATE:
             # Dropped, timed out or shut down: no UPDATE, just let go of the lock.
             self._logout()
@@ -272,6 +313,7 @@ class Pop3Server(Protocol, TimeoutMixin):
     def timeoutConnection(self) -> None:
         """Autologout: close without a reply and without UPDATE (connectionLost releases)."""
         self._ended_by = "autologout"
+        self._abort_xmit()
         self._close()
 
     # -- line processing ------------------------------------------------------------------
@@ -283,6 +325,13 @@ class Pop3Server(Protocol, TimeoutMixin):
         self._processing = True
         try:
             while not self._busy and self.state is not State.CLOSED:
+                if self.state is State.XMIT:
+                    data = self._framer.take()
+                    if not data:
+                        break
+                    self.resetTimeout()  # type: ignore[no-untyped-call]
+                    self._xmit_data(data)
+                    continue
                 item = self._framer.next_line()
                 if item is None:
                     break
@@ -368,6 +417,11 @@ class Pop3Server(Protocol, TimeoutMixin):
             stls=self._stls_available(),
             implementation=(
                 self.settings.implementation if self.state is State.TRANSACTION else None
+            ),
+            xtnd_xmit=(
+                self.state is State.TRANSACTION
+                and self.settings.xtnd_xmit
+                and self.settings.xtnd_advertise
             ),
         )
         self._send(multiline(ok("Capability list follows"), tags))
@@ -663,6 +717,126 @@ class Pop3Server(Protocol, TimeoutMixin):
 
         d.addCallbacks(committed, failed)
 
+    # -- XTND -------------------------------------------------------------------------------
+
+    def _do_xtnd(self, command: Command) -> None:
+        enabled = [
+            name
+            for name, on in (("xmit", self.settings.xtnd_xmit), ("xlst", self.settings.xtnd_xlst))
+            if on
+        ]
+        xtnd = parse_xtnd(command.args(), enabled)
+        if xtnd.sub == "xmit":
+            self._xtnd_xmit()
+        else:
+            self._xtnd_xlst(xtnd.args)
+
+    def _xtnd_xmit(self) -> None:
+        maildrop = self._maildrop
+        assert maildrop is not None
+        if self.settings.xtnd_xmit_require_tls and not self._tls:
+            log.info("POP3 XTND XMIT refused without TLS from {peer}", peer=self._peer)
+            self._send(err("XTND XMIT requires a TLS connection", ResponseCode.SYS_PERM))
+            return
+        account = cast(Address, maildrop.account)
+        self._busy = True
+        # The same realm, hence the same sending rules, as an SMTP AUTH login.
+        d = maybeDeferred(
+            self.portal.realm.requestAvatar,
+            str(account).encode("utf-8"),
+            None,
+            ISubmission,
+        )
+        d.addCallbacks(self._xmit_ready, self._xmit_unavailable, callbackArgs=(account,))
+        d.addErrback(lambda f: log.failure("POP3 XTND XMIT setup failed", f))
+
+    def _xmit_ready(self, result: tuple[Any, Any, Callable[[], None]], account: Address) -> None:
+        _, avatar, logout = result
+        logout()  # a submission avatar holds nothing; its rules are all we need
+        if self.state is not State.TRANSACTION:
+            return  # the client left meanwhile
+        assert self._xmit_policy is not None
+        host = getattr(self._transport.getPeer(), "host", "")
+        self._xmit = XmitReceiver(
+            cast(ISubmission, avatar),
+            account,
+            self._xmit_policy,
+            peer=self._peer,
+            peer_ip=str(host),
+            now=self._clock.seconds,
+        )
+        self.state = State.XMIT
+        self._busy = False
+        self._send(ok("Start sending message."))
+        self._process()
+
+    def _xmit_unavailable(self, failure: Failure) -> None:
+        log.failure("POP3 XTND XMIT: no sending rights for this account", failure)
+        if self.state is not State.TRANSACTION:
+            return
+        self._busy = False
+        self._send(err("Unable to send message", ResponseCode.SYS_TEMP))
+        self._process()
+
+    def _xmit_data(self, data: bytes) -> None:
+        receiver = self._xmit
+        assert receiver is not None
+        rest = receiver.feed(data)
+        if rest is None:
+            return
+        # The framer is empty (take() emptied it): what followed the "." is commands again.
+        self._framer.feed(rest)
+        self._xmit = None
+        self.state = State.TRANSACTION
+        self._busy = True
+        self._set_timeout(None)  # storing the message is our time, not the client's
+
+        def reply(line: bytes) -> None:
+            if self.state is State.CLOSED:
+                return
+            self._busy = False
+            self._set_timeout(self.settings.timeout)
+            self._send(line)
+            self._process()
+
+        receiver.finish().addCallback(reply).addErrback(
+            lambda f: log.failure("POP3 XTND XMIT reply failed", f)
+        )
+
+    def _abort_xmit(self) -> None:
+        receiver, self._xmit = self._xmit, None
+        if receiver is not None:
+            receiver.abort()
+
+    def _xtnd_xlst(self, args: Sequence[bytes]) -> None:
+        maildrop = self._maildrop
+        assert maildrop is not None
+        name = parse_field_name(args[0])
+        if len(args) > 1:
+            arg = args[1]
+            try:
+                index = parse_message_number(arg, len(self._messages))
+            except Pop3SyntaxError:
+                raise Pop3SyntaxError(f"Message {echo(arg)} does not exist.") from None
+            if index in self._deleted:
+                raise Pop3SyntaxError(f"Message {index + 1} has been deleted.")
+            indices = [index]
+        else:
+            indices = [i for i in range(len(self._messages)) if i not in self._deleted]
+        lines: list[bytes] = []
+        try:
+            for index in indices:
+                with maildrop.open_message(index) as source:
+                    found = first_header_lines(source, name)
+                if found:
+                    lines.append(f"{index + 1} ".encode("ascii") + found[0])
+                    lines.extend(found[1:])
+        except Exception:
+            log.failure("POP3 XTND XLST could not read message {n}", n=index + 1)
+            self._send(err("Message temporarily unavailable", ResponseCode.SYS_TEMP))
+            return
+        self._send(multiline(ok("xlst command accepted; headers coming."), lines))
+
     def _reply_and_close(self, reply: bytes) -> None:
         self._logout = None  # commit (or the explicit release) has let go of the lock
         if self.state is State.UPDATE:
@@ -688,9 +862,11 @@ _HANDLERS: dict[tuple[State, str], Handler] = {
     (State.TRANSACTION, "TOP"): Pop3Server._do_top,
     (State.TRANSACTION, "UIDL"): Pop3Server._do_uidl,
     (State.TRANSACTION, "QUIT"): Pop3Server._do_quit_transaction,
+    (State.TRANSACTION, "XTND"): Pop3Server._do_xtnd,
 }
-#: Verbs we know but refuse in the current state (vs. "Unknown command").
-_KNOWN_VERBS = frozenset(verb for _, verb in _HANDLERS)
+#: Verbs we know but refuse in the current state (vs. "Unknown command"). XTND is not
+#: among them: before login it is as unknown as in qpopper, which lists it for TRANSACTION.
+_KNOWN_VERBS = frozenset(verb for _, verb in _HANDLERS) - {"XTND"}
 
 
 class Pop3Factory(ServerFactory):
