@@ -73,8 +73,14 @@ class DataReader:
         long_lines: LongLines | str = LongLines.REJECT,
         max_size: int | None = None,
         line_limit: int = LINE_LIMIT,
+        keep_unescaped_dots: bool = False,
     ) -> None:
         self._emit = emit
+        # qpopper 4's XTND XMIT rule: only ".." loses a dot; ".foo" (a client that did not
+        # stuff) is kept as sent. SMTP (RFC 5321 4.5.2) drops the first dot of every line.
+        self._keep_unescaped = keep_unescaped_dots
+        #: Lines that began with a single "." and were kept verbatim (keep_unescaped_dots).
+        self.unescaped_dots = 0
         self._bare = BareNewline(bare_newline)
         self._long = LongLines(long_lines)
         self._max_size = max_size
@@ -109,6 +115,9 @@ class DataReader:
         if self._dot_held:
             # ...now known to be a stuffed line: the held dot is dropped.
             self._dot_held = False
+            if self._keep_unescaped and seg[:1] != b".":
+                self.unescaped_dots += 1
+                self._content(b".", out)
         self._line_len += len(seg)
         if self._line_len > self._max_line and self._long is LongLines.REJECT:
             self._fail(DataStatus.LINE_TOO_LONG)

@@ -126,6 +126,7 @@ class XmitReceiver:
             bare_newline=policy.bare_newline,
             long_lines=policy.long_lines,
             max_size=policy.max_size,
+            keep_unescaped_dots=True,
         )
         self._splitter = HeaderSplitter(policy.max_header_lines, policy.max_header_bytes)
         self._sink: IMessageSink | None = None
@@ -255,6 +256,12 @@ class XmitReceiver:
                 size=reader.size,
             )
             return succeed(refusal.reply)
+        if reader.unescaped_dots:
+            log.info(
+                "POP3 XTND XMIT from {peer}: client sent {n} unescaped leading dots (kept)",
+                peer=self._peer,
+                n=reader.unescaped_dots,
+            )
         sink, self._sink = self._sink, None
         assert sink is not None
         recipients = self._recipients
