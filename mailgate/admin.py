@@ -18,12 +18,14 @@ import getpass
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, NoReturn
 
 from mailgate.auth.passwords import hash_password
 from mailgate.auth.userdb import UserFile
 from mailgate.errors import AddressError, UserDatabaseError
 from mailgate.model import Address, parse_account
+from mailgate.queue.cli import queue_command
 
 DEFAULT_STATE_DIR = "./mailgate-data"
 
@@ -76,6 +78,11 @@ def _build_parser() -> _Parser:
         sub = actions.add_parser(name, help=text)
         sub.add_argument("address", metavar="ADDRESS", help="full account address local@domain")
     actions.add_parser("list", help="list accounts, one per line")
+    queue = groups.add_parser(
+        "queue",
+        help="inspect and steer the outbound queue: list|show|hold|release|retry|delete|flush",
+    )
+    queue.add_argument("queue_args", nargs=argparse.REMAINDER, metavar="ACTION [ID]")
     return parser
 
 
@@ -164,6 +171,8 @@ def main(
     except _ParserExit as e:
         (stdout if e.status == 0 else stderr).write(e.text)
         return e.status
+    if args.group == "queue":
+        return queue_command(Path(args.state_dir), args.queue_args, stdout, stderr)
     commands = _Commands(args.state_dir, stdin, stdout, getpass_fn or getpass.getpass)
     try:
         if args.action == "list":

@@ -20,6 +20,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 PROTOCOLS = ("pop3", "submission")
 TLS_MODES = ("starttls", "implicit", "none")
+RELAY_TLS = ("none", "opportunistic", "required")
 
 DEFAULT_LISTENERS: tuple[tuple[str, str, str], ...] = (
     ("pop3", "tcp:1110:interface=127.0.0.1", "starttls"),
@@ -31,11 +32,15 @@ DEFAULT_LISTENERS: tuple[tuple[str, str, str], ...] = (
 
 @dataclass(frozen=True)
 class Listener:
-    """One listening socket: which protocol, where (a Twisted endpoint string), which TLS."""
+    """One listening socket: which protocol, where (a Twisted endpoint string), which TLS.
+
+    ``xtnd_xmit`` None means "as [pop3] xtnd_xmit says".
+    """
 
     protocol: str
     endpoint: str
     tls: str
+    xtnd_xmit: bool | None = None
 
     @property
     def name(self) -> str:
@@ -47,6 +52,34 @@ class Listener:
 @dataclass(frozen=True)
 class Pop3Config:
     timeout: float = 600.0
+    xtnd_xmit: bool = False
+    xtnd_xmit_require_tls: bool = False
+    xtnd_advertise: bool = False
+    xtnd_xlst: bool = False
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    enforce_from: bool = False
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Where non-local mail goes: a smarthost endpoint, or each domain's MX when None."""
+
+    smarthost: str | None = None
+    tls: str = "opportunistic"
+    ca_file: Path | None = None
+    auth_file: Path | None = None
+    mx_port: int = 25
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    lifetime: float = 5 * 86400.0
+    first_retry: float = 300.0
+    max_retry: float = 3600.0
+    max_concurrent: int = 10
 
 
 @dataclass(frozen=True)
@@ -81,6 +114,9 @@ class Config:
     pop3: Pop3Config = Pop3Config()
     smtp: SmtpConfig = SmtpConfig()
     auth: AuthConfig = AuthConfig()
+    submission: SubmissionConfig = SubmissionConfig()
+    relay: RelayConfig = RelayConfig()
+    queue: QueueConfig = QueueConfig()
     #: True when no config file was given: the demo account may be created.
     embedded_defaults: bool = True
 
@@ -223,12 +259,46 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
             if not endpoint:
                 raise sec.error("endpoint", "required (a Twisted endpoint string)")
             mode = sec.choice("tls", TLS_MODES, "starttls")
+            xmit = sec.take("xtnd_xmit", bool, None)
+            if xmit is not None and proto != "pop3":
+                raise sec.error("xtnd_xmit", "only POP3 listeners have XTND XMIT")
             sec.done()
-            listeners.append(Listener(proto, endpoint, mode))
+            listeners.append(Listener(proto, endpoint, mode, xmit))
 
     pop3 = top.sub("pop3")
-    pop3_cfg = Pop3Config(timeout=pop3.positive("timeout", 600, minimum=600))
+    pop3_cfg = Pop3Config(
+        timeout=pop3.positive("timeout", 600, minimum=600),
+        xtnd_xmit=pop3.take("xtnd_xmit", bool, False),
+        xtnd_xmit_require_tls=pop3.take("xtnd_xmit_require_tls", bool, False),
+        xtnd_advertise=pop3.take("xtnd_advertise", bool, False),
+        xtnd_xlst=pop3.take("xtnd_xlst", bool, False),
+    )
     pop3.done()
+
+    submission = top.sub("submission")
+    submission_cfg = SubmissionConfig(enforce_from=submission.take("enforce_from", bool, False))
+    submission.done()
+
+    relay = top.sub("relay")
+    ca_file = relay.take("ca_file", str, None)
+    auth_file = relay.take("auth_file", str, None)
+    relay_cfg = RelayConfig(
+        smarthost=relay.take("smarthost", str, None) or None,
+        tls=relay.choice("tls", RELAY_TLS, "opportunistic"),
+        ca_file=None if ca_file is None else base_dir / ca_file,
+        auth_file=None if auth_file is None else base_dir / auth_file,
+        mx_port=int(relay.positive("mx_port", 25)),
+    )
+    relay.done()
+
+    queue = top.sub("queue")
+    queue_cfg = QueueConfig(
+        lifetime=queue.positive("lifetime", 5 * 86400, minimum=60),
+        first_retry=queue.positive("first_retry", 300),
+        max_retry=queue.positive("max_retry", 3600),
+        max_concurrent=int(queue.positive("max_concurrent", 10)),
+    )
+    queue.done()
 
     smtp = top.sub("smtp")
     smtp_cfg = SmtpConfig(
@@ -263,6 +333,9 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         pop3=pop3_cfg,
         smtp=smtp_cfg,
         auth=auth_cfg,
+        submission=submission_cfg,
+        relay=relay_cfg,
+        queue=queue_cfg,
         embedded_defaults=False,
     )
 
@@ -299,6 +372,11 @@ def with_overrides(
     allow_plaintext_from: Iterable[str] = (),
     hostname: str | None = None,
     default_domain: str | None = None,
+    xtnd_xmit: bool = False,
+    smarthost: str | None = None,
+    smarthost_tls: str | None = None,
+    smarthost_ca: str | None = None,
+    smarthost_auth_file: str | None = None,
 ) -> Config:
     """Apply command-line options on top of a file's (or the embedded) configuration.
 
@@ -322,4 +400,38 @@ def with_overrides(
         changes["hostname"] = hostname
     if default_domain is not None:
         changes["default_domain"] = _domain(default_domain, "command line: --default-domain")
+    if xtnd_xmit:
+        # Every POP3 listener, whatever the file said for each.
+        changes["pop3"] = replace(config.pop3, xtnd_xmit=True)
+        changes["listeners"] = tuple(
+            replace(x, xtnd_xmit=True) if x.protocol == "pop3" else x
+            for x in changes.get("listeners", config.listeners)
+        )
+    relay: dict[str, Any] = {}
+    if smarthost is not None:
+        relay["smarthost"] = smarthost
+    if smarthost_tls is not None:
+        if smarthost_tls not in RELAY_TLS:
+            raise ConfigError(
+                f"command line: --smarthost-tls: must be one of {', '.join(RELAY_TLS)}"
+            )
+        relay["tls"] = smarthost_tls
+    if smarthost_ca is not None:
+        relay["ca_file"] = Path(smarthost_ca)
+    if smarthost_auth_file is not None:
+        relay["auth_file"] = Path(smarthost_auth_file)
+    if relay:
+        changes["relay"] = replace(config.relay, **relay)
     return replace(config, **changes)
+
+
+def read_auth_file(path: Path) -> tuple[str, str]:
+    """The smarthost credential: one line ``user:password``."""
+    try:
+        line = path.read_text(encoding="utf-8").splitlines()[0].strip()
+    except (OSError, IndexError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read a 'user:password' line") from e
+    user, sep, password = line.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError(f"{path}: expected one line 'user:password'")
+    return user, password

@@ -26,10 +26,13 @@ from mailgate import demo, tls
 from mailgate.auth.checker import PasswordChecker
 from mailgate.auth.passwords import DUMMY_HASH, hash_password, verify_password
 from mailgate.auth.userdb import UserFile
-from mailgate.config import Config, Listener, network_predicate
+from mailgate.config import Config, Listener, network_predicate, read_auth_file
 from mailgate.model import Address, Envelope
 from mailgate.pop3.server import Pop3Factory, Pop3Settings
+from mailgate.queue.runner import QueueRunner, QueueSettings
+from mailgate.queue.spool import Spool
 from mailgate.realm import MailRealm
+from mailgate.relay.client import SmtpRelay
 from mailgate.smtp.server import SmtpFactory, SmtpSettings
 from mailgate.store.maildir import MaildirStore
 
@@ -93,6 +96,7 @@ class MailgateService(MultiService):
         self.realm = realm
         self.users = users
         self.listeners: list[ListeningService] = []
+        self.runner: QueueRunner | None = None
 
     def ports(self) -> Deferred[list[IListeningPort]]:
         from twisted.internet.defer import gatherResults
@@ -149,7 +153,8 @@ def build_service(
     users = UserFile(state / "users")
     bootstrap_demo(config, users, out)
     store = MaildirStore(str(state / "mail"), run_in_thread, hostname=config.hostname)
-    realm = MailRealm(store, users, config.all_local_domains)
+    spool = Spool(state / "spool", run_in_thread, reactor)
+    realm = MailRealm(store, users, config.all_local_domains, spool)
     checker = PasswordChecker(
         users, config.default_domain, verify_password, run_in_thread, dummy_hash=DUMMY_HASH
     )
@@ -159,6 +164,33 @@ def build_service(
     clock: IReactorTime = reactor
 
     service = MailgateService(config=config, realm=realm, users=users)
+    relay_cfg = config.relay
+    relay = SmtpRelay(
+        reactor,
+        config.hostname,
+        smarthost=relay_cfg.smarthost,
+        tls=relay_cfg.tls,
+        ca_file=relay_cfg.ca_file,
+        auth=read_auth_file(relay_cfg.auth_file) if relay_cfg.auth_file else None,
+        mx_port=relay_cfg.mx_port,
+        run_in_thread=run_in_thread,
+    )
+    runner = QueueRunner(
+        spool,
+        relay,
+        store,
+        lambda address: address.domain in realm.local_domains,
+        clock,
+        config.hostname,
+        QueueSettings(
+            first_retry=config.queue.first_retry,
+            max_retry=config.queue.max_retry,
+            lifetime=config.queue.lifetime,
+            max_concurrent=config.queue.max_concurrent,
+        ),
+    )
+    runner.setServiceParent(service)  # type: ignore[no-untyped-call]
+    service.runner = runner
     for listener in config.listeners:
         implicit = listener.tls == "implicit"
         factory: IProtocolFactory

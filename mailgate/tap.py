@@ -35,6 +35,13 @@ class Options(usage.Options):
         ["tls-key", None, None, "PEM private key file."],
         ["hostname", None, None, "Host name used in greetings and trace headers."],
         ["default-domain", None, None, "Domain given to logins and addresses without one."],
+        ["smarthost", None, None, "Relay all non-local mail to this client endpoint."],
+        ["smarthost-tls", None, None, "Smarthost TLS: none, opportunistic or required."],
+        ["smarthost-ca", None, None, "PEM CA file to verify the smarthost's certificate."],
+        ["smarthost-auth-file", None, None, "File with one line user:password for the smarthost."],
+    ]
+    optFlags = [
+        ["xtnd-xmit", None, "Turn on XTND XMIT (send mail over POP3) on every POP3 listener."],
     ]
 
     def __init__(self) -> None:
@@ -83,6 +90,11 @@ def makeService(options: Options) -> IService:
             allow_plaintext_from=options["allow-plaintext-from"],
             hostname=options["hostname"],
             default_domain=options["default-domain"],
+            xtnd_xmit=bool(options["xtnd-xmit"]),
+            smarthost=options["smarthost"],
+            smarthost_tls=options["smarthost-tls"],
+            smarthost_ca=options["smarthost-ca"],
+            smarthost_auth_file=options["smarthost-auth-file"],
         )
         service: Any = build_service(config, reactor)
     except (ConfigError, MailgateError) as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import IO
 
 from mailgate.queue.spool import (
     QUEUE_STATES,
@@ -28,7 +28,7 @@ def _when(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
 
 
-def _list(spool: SpoolDirectory, out: TextIO) -> None:
+def _list(spool: SpoolDirectory, out: IO[str]) -> None:
     out.write(f"{'ID':<21} {'STATE':<9} {'SIZE':>8}  {'ARRIVAL':<19}  SENDER -> RECIPIENTS\n")
     for state in QUEUE_STATES:
         for queue_id in spool.ids(state):
@@ -50,7 +50,7 @@ def _list(spool: SpoolDirectory, out: TextIO) -> None:
     out.write(", ".join(f"{state} {counts[state]}" for state in QUEUE_STATES) + "\n")
 
 
-def _show(spool: SpoolDirectory, queue_id: str, out: TextIO) -> None:
+def _show(spool: SpoolDirectory, queue_id: str, out: IO[str]) -> None:
     state = spool.find(queue_id)
     if state is None:
         raise EntryNotFound(f"no such queue entry: {queue_id}")
@@ -74,7 +74,7 @@ def _show(spool: SpoolDirectory, queue_id: str, out: TextIO) -> None:
     out.write(head[: end + 1 if end >= 0 else len(head)].decode("utf-8", "replace"))
 
 
-def queue_command(state_dir: Path, argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
+def queue_command(state_dir: Path, argv: list[str], stdout: IO[str], stderr: IO[str]) -> int:
     """Run one queue subcommand; 0 on success, 1 with one ``mailgate: error:`` line if not."""
     args = list(argv)
     if args[:1] == ["queue"]:
