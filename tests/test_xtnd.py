@@ -8,9 +8,11 @@ remote recipients land in ``MemoryQueue.queued``, local ones in ``store.mailboxe
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -25,7 +27,16 @@ from mailgate.dataread import DataReader
 from mailgate.interfaces import IMessageSink
 from mailgate.model import Address, Envelope
 from mailgate.pop3 import Pop3Factory, Pop3Settings
+from mailgate.pop3._grammar import (
+    LineFramer,
+    Pop3SyntaxError,
+    XtndCommand,
+    capabilities,
+    parse_field_name,
+    parse_xtnd,
+)
 from mailgate.pop3.server import State
+from mailgate.pop3.xtnd import first_header_lines
 from mailgate.realm import MailRealm
 from mailgate.testing import MemoryMailStore, MemoryQueue, MemoryUserDatabase
 
@@ -706,3 +717,78 @@ def test_reader_default_still_drops_every_first_dot() -> None:
     assert reader.feed(b".a\r\n..b\r\n.\r\n") == b""
     assert b"".join(out) == b"a\n.b\n"
     assert reader.unescaped_dots == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "reply"),
+    [
+        ([], "Too few arguments for the xtnd command."),
+        ([b"XMIT", b"x"], "Too many arguments for the xtnd xmit command."),
+        ([b"xlst"], "Too few arguments for the xtnd xlst command."),
+        ([b"XLST", b"a", b"1", b"2"], "Too many arguments for the xtnd xlst command."),
+        ([b"Foo"], 'Unknown command: "xtnd foo".'),
+        ([b"HEAD"], 'Unknown command: "xtnd head".'),
+        ([b"\xff\x01"], 'Unknown command: "xtnd ??".'),
+    ],
+)
+def test_parse_xtnd_errors(args: list[bytes], reply: str) -> None:
+    with pytest.raises(Pop3SyntaxError) as caught:
+        parse_xtnd(args, ["xmit", "xlst"])
+    assert caught.value.reply == reply
+
+
+def test_parse_xtnd_disabled_subcommand_is_unknown() -> None:
+    with pytest.raises(Pop3SyntaxError) as caught:
+        parse_xtnd([b"XMIT"], ["xlst"])
+    assert caught.value.reply == 'Unknown command: "xtnd xmit".'
+    assert parse_xtnd([b"xMiT"], ["xmit"]) == XtndCommand("xmit", ())
+    assert parse_xtnd([b"XLST", b"Subject", b"2"], ["xlst"]) == XtndCommand(
+        "xlst", (b"Subject", b"2")
+    )
+
+
+def test_parse_field_name() -> None:
+    assert parse_field_name(b"Message-Id") == "Message-Id"
+    for bad in (b"", b"Sub:ject", b"\x7f", b"a" * 77):
+        with pytest.raises(Pop3SyntaxError):
+            parse_field_name(bad)
+
+
+def test_capabilities_tag_only_when_asked() -> None:
+    common: dict[str, Any] = {
+        "plaintext_ok": True,
+        "mechanisms": [],
+        "stls": False,
+        "implementation": None,
+    }
+    assert b"XTND XMIT" not in capabilities(**common)
+    assert capabilities(**common, xtnd_xmit=True)[-1] == b"XTND XMIT"
+
+
+def test_framer_take_hands_over_the_raw_buffer() -> None:
+    framer = LineFramer()
+    framer.feed(b"XTND XMIT\r\nTo: a\nb\r\n.\r\n")
+    assert framer.next_line() == b"XTND XMIT"
+    assert framer.take() == b"To: a\nb\r\n.\r\n"
+    assert framer.buffered == 0
+    framer.feed(b"NOOP\r\n")
+    assert framer.next_line() == b"NOOP"
+
+
+class TrickleFile(io.BytesIO):
+    """Returns at most 3 octets per read, so CRLFs straddle reads."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        return super().read(3)
+
+
+def test_first_header_lines_across_reads_and_line_ends() -> None:
+    msg = b"A: 1\r\nSubject: x\r\n y\r\nB: 2\r\n\r\nSubject: body\r\n"
+    assert first_header_lines(TrickleFile(msg), "subject") == [b"Subject: x", b" y"]
+    assert first_header_lines(TrickleFile(msg), "C") == ()
+    assert first_header_lines(io.BytesIO(b"Subject : spaced\n\n"), "Subject") == [
+        b"Subject : spaced"
+    ]
+    # A header block larger than the read limit is not searched past the limit.
+    huge = b"X: " + b"y" * 100 + b"\nSubject: late\n\n"
+    assert first_header_lines(io.BytesIO(huge), "Subject", limit=50) == ()
