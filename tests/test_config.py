@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.config import Config, Listener, load_config, network_predicate, with_overrides
+from mailgate.config import (
+    Config,
+    Listener,
+    load_config,
+    network_predicate,
+    read_auth_file,
+    with_overrides,
+)
 from mailgate.errors import ConfigError
 from mailgate.tap import Options
 
@@ -129,3 +136,85 @@ def test_ipv4_mapped_peer_matches_ipv4_network() -> None:
     )
     assert pred("::ffff:10.1.2.3")
     assert not pred("garbage")
+
+
+def test_relay_queue_and_xtnd_keys(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        """
+[pop3]
+xtnd_xmit = true
+xtnd_xlst = true
+
+[[listeners]]
+protocol = "pop3"
+endpoint = "tcp:0"
+xtnd_xmit = false
+
+[relay]
+smarthost = "tcp:127.0.0.1:2525"
+tls = "required"
+ca_file = "ca.pem"
+
+[queue]
+lifetime = 3600
+first_retry = 10
+
+[submission]
+enforce_from = true
+""",
+    )
+    c = load_config(p)
+    assert c.pop3.xtnd_xmit and c.pop3.xtnd_xlst
+    assert c.listeners[0].xtnd_xmit is False
+    assert c.relay.smarthost == "tcp:127.0.0.1:2525"
+    assert c.relay.tls == "required"
+    assert c.relay.ca_file == tmp_path / "ca.pem"
+    assert c.queue.lifetime == 3600 and c.queue.first_retry == 10
+    assert c.submission.enforce_from
+
+
+def test_xtnd_xmit_only_on_pop3_listeners(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        "[[listeners]]\nprotocol = 'submission'\nendpoint = 'tcp:0'\nxtnd_xmit = true\n",
+    )
+    with pytest.raises(ConfigError, match=r"listeners\[0\].xtnd_xmit"):
+        load_config(p)
+
+
+def test_command_line_xtnd_and_smarthost(tmp_path: Path) -> None:
+    auth = tmp_path / "auth"
+    auth.write_text("relayuser:relay pass\n")
+    o = Options()
+    o.parseOptions(  # type: ignore[no-untyped-call]
+        [
+            "--xtnd-xmit",
+            "--smarthost",
+            "tcp:127.0.0.1:2525",
+            "--smarthost-tls",
+            "required",
+            "--smarthost-auth-file",
+            str(auth),
+        ]
+    )
+    c = with_overrides(
+        Config(),
+        xtnd_xmit=bool(o["xtnd-xmit"]),
+        smarthost=o["smarthost"],
+        smarthost_tls=o["smarthost-tls"],
+        smarthost_auth_file=o["smarthost-auth-file"],
+    )
+    assert all(x.xtnd_xmit for x in c.listeners if x.protocol == "pop3")
+    assert c.relay.smarthost == "tcp:127.0.0.1:2525"
+    assert c.relay.auth_file is not None
+    assert read_auth_file(c.relay.auth_file) == ("relayuser", "relay pass")
+    with pytest.raises(ConfigError, match="--smarthost-tls"):
+        with_overrides(Config(), smarthost_tls="sometimes")
+
+
+def test_auth_file_must_hold_user_and_password(tmp_path: Path) -> None:
+    bad = tmp_path / "auth"
+    bad.write_text("justauser\n")
+    with pytest.raises(ConfigError, match="user:password"):
+        read_auth_file(bad)
