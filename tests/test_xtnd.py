@@ -792,3 +792,11 @@ def test_first_header_lines_across_reads_and_line_ends() -> None:
     # A header block larger than the read limit is not searched past the limit.
     huge = b"X: " + b"y" * 100 + b"\nSubject: late\n\n"
     assert first_header_lines(io.BytesIO(huge), "Subject", limit=50) == ()
+
+
+def test_settings_refuse_a_bad_xmit_policy_at_wiring_time() -> None:
+    with pytest.raises(ValueError):
+        make_settings(bare_newline="ignore")
+    with pytest.raises(ValueError):
+        make_settings(max_size=0)
+    assert make_settings().xmit_policy().max_recipients == 100

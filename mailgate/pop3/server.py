@@ -109,6 +109,9 @@ class Pop3Settings:
     max_header_lines: int = MAX_HEADER_LINES
     max_header_bytes: int = MAX_HEADER_BYTES
 
+    def __post_init__(self) -> None:
+        self.xmit_policy()  # ValueError now, at wiring time, on a bad XMIT policy
+
     def xmit_policy(self) -> XmitPolicy:
         """The XMIT limits of this listener (validated when the policy is built)."""
         return XmitPolicy(
