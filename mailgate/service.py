@@ -204,6 +204,19 @@ def build_service(
                     implicit_tls=implicit,
                     allow_plaintext=allow_plaintext,
                     max_failures=config.auth.max_failures,
+                    xtnd_xmit=(
+                        config.pop3.xtnd_xmit if listener.xtnd_xmit is None else listener.xtnd_xmit
+                    ),
+                    xtnd_xmit_require_tls=config.pop3.xtnd_xmit_require_tls,
+                    xtnd_advertise=config.pop3.xtnd_advertise,
+                    xtnd_xlst=config.pop3.xtnd_xlst,
+                    # XTND XMIT follows exactly the submission rules.
+                    default_domain=config.default_domain,
+                    max_size=config.smtp.max_size,
+                    max_recipients=config.smtp.max_recipients,
+                    bare_newline=config.smtp.bare_newline,
+                    long_lines=config.smtp.long_lines,
+                    enforce_from=config.submission.enforce_from,
                 ),
                 clock,
             )
