@@ -118,3 +118,24 @@ def test_xtnd_xmit_off_by_default(gateway: Gateway) -> None:
     assert pop.command("PASS alice-secret-1").startswith(b"+OK")
     assert pop.command("XTND XMIT").startswith(b"-ERR")
     assert pop.command("NOOP") == b"+OK"
+
+
+def test_xtnd_xmit_permanent_failure_bounces_to_sender(
+    xmit_gateway: Gateway, sink: SmtpSink
+) -> None:
+    """Checklist X28: a later permanent failure comes back as a DSN in alice's maildrop."""
+    sink.state.rcpt_replies["zed@remote.example"] = ["550 5.1.1 no such user here"]
+    pop = Pop3Wire(xmit_gateway)
+    pop.line()
+    pop.command("USER alice@example.com")
+    assert pop.command("PASS alice-secret-1").startswith(b"+OK")
+    assert pop.command("XTND XMIT").startswith(b"+OK")
+    pop.send(b"From: alice@example.com\r\nTo: zed@remote.example\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+    assert pop.line() == b"+OK Message sent successfully"
+    pop.command("QUIT")
+    files = wait_for_files(xmit_gateway.maildir("alice@example.com") / "new", 1)
+    assert len(files) == 1
+    dsn = files[0].read_bytes()
+    assert b"multipart/report" in dsn
+    assert b"Final-Recipient: rfc822; zed@remote.example" in dsn
+    assert b"Status: 5.1.1" in dsn
