@@ -72,6 +72,8 @@ class RelayConfig:
     ca_file: Path | None = None
     auth_file: Path | None = None
     mx_port: int = 25
+    #: DNS servers ("host:port") for MX lookups instead of /etc/resolv.conf (labs, tests).
+    dns_servers: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -288,6 +290,10 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         ca_file=None if ca_file is None else base_dir / ca_file,
         auth_file=None if auth_file is None else base_dir / auth_file,
         mx_port=int(relay.positive("mx_port", 25)),
+        dns_servers=tuple(
+            _host_port(v, f"{source}: relay.dns_servers")
+            for v in _strings(relay, "dns_servers", [])
+        ),
     )
     relay.done()
 
@@ -338,6 +344,21 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         queue=queue_cfg,
         embedded_defaults=False,
     )
+
+
+def _host_port(value: str, where: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = value, "53"
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {value!r} is not an IP address with an optional :port") from e
+    if not 0 < number < 65536:
+        raise ConfigError(f"{where}: {value!r}: port out of range")
+    return host, number
 
 
 def _strings(sec: _Section, name: str, default: list[str]) -> list[str]:

@@ -136,6 +136,15 @@ def _inline(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
     return maybeDeferred(f, *args, **kwargs)
 
 
+def _resolver(reactor: Any, servers: tuple[tuple[str, int], ...]) -> Any:
+    """A DNS resolver asking ``servers``; None lets the relay use /etc/resolv.conf."""
+    if not servers:
+        return None
+    from twisted.names import client
+
+    return client.Resolver(servers=list(servers), reactor=reactor)  # type: ignore[no-untyped-call]
+
+
 def build_service(
     config: Config, reactor: Any, out: Callable[[str], object] = sys.stdout.write
 ) -> MailgateService:
@@ -173,6 +182,7 @@ def build_service(
         ca_file=relay_cfg.ca_file,
         auth=read_auth_file(relay_cfg.auth_file) if relay_cfg.auth_file else None,
         mx_port=relay_cfg.mx_port,
+        resolver=_resolver(reactor, relay_cfg.dns_servers),
         run_in_thread=run_in_thread,
     )
     runner = QueueRunner(
