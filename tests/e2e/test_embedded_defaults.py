@@ -49,3 +49,18 @@ def test_embedded_defaults_demo_account(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert PROJECT.exists()
+
+
+def test_bad_config_stops_the_server_with_one_clear_line(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[smtp]\nmax_sise = 10\n")
+    r = subprocess.run(
+        twistd_command("--config", str(config), "--state-dir", str(tmp_path / "s")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert r.returncode != 0
+    assert f"mailgate: error: {config}: smtp.max_sise: unknown key" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
