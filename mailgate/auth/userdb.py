@@ -5,6 +5,12 @@ allowed, and extra ``:``-separated fields after the hash are tolerated and writt
 unchanged. ``tomllib`` only reads, so accounts live here where the admin CLI can rewrite
 them atomically; the running server notices the change by a cheap stat at most once a
 second and reloads.
+
+The hash is anything :mod:`mailgate.auth.passwords` can verify; as in Dovecot (whose default
+scheme is CRYPT) an unprefixed ``$6$``/``$5$``/``$2y$``/``$argon2id$`` string stands for its
+obvious scheme. An unknown scheme is an error naming the file and line, at load, rather
+than an account nobody can ever log in to. :func:`read_passwd_file` reads a real Dovecot
+passwd-file for ``mailgate user import``.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ import fcntl
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailgate.auth.passwords import normalize_stored
 from mailgate.errors import AddressError, UserDatabaseError
 from mailgate.interfaces import IUserDatabase
 from mailgate.model import Address, parse_account
@@ -43,8 +50,14 @@ class _Entry:
 
     address: Address
     name: str
-    password_hash: str
+    password_hash: str  # as written in the file
     extra: tuple[str, ...]
+    # What verification uses: password_hash with an implied {SCHEME} made explicit.
+    stored: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.stored:
+            object.__setattr__(self, "stored", normalize_stored(self.password_hash))
 
     def render(self) -> str:
         return ":".join((self.name, self.password_hash, *self.extra))
@@ -62,12 +75,15 @@ def parse_account_name(text: str) -> Address:
 
 
 def check_hash(password_hash: str) -> None:
-    """Refuse a hash that would break the file format or has no ``{SCHEME}`` prefix."""
+    """Refuse a hash that would break the file format or whose scheme we cannot verify."""
     if any(c in password_hash for c in ":\r\n\x00"):
         raise UserDatabaseError("password hash contains a forbidden character")
-    end = password_hash.find("}")
-    if not password_hash.startswith("{") or end <= 1:
-        raise UserDatabaseError("password hash lacks a {SCHEME} prefix")
+    if not password_hash:
+        raise UserDatabaseError("empty password hash")
+    try:
+        normalize_stored(password_hash)
+    except ValueError as e:
+        raise UserDatabaseError(str(e)) from None
 
 
 def parse_lines(text: str, source: str) -> list[_Line]:
@@ -104,6 +120,54 @@ def parse_lines(text: str, source: str) -> list[_Line]:
     return lines
 
 
+def read_passwd_file(
+    text: str, source: str, default_domain: str | None = None
+) -> tuple[list[tuple[Address, str]], list[str]]:
+    """Accounts of a Dovecot passwd-file (``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra``).
+
+    Returns ``(accounts, problems)``: each account as (address, hash in ``{SCHEME}data``
+    form); each problem one ``source:line: reason`` text, so an import can report every bad
+    line and write nothing. Bare user names take ``default_domain``; without one they are a
+    problem. The fields after the password are Dovecot's userdb data and are not kept.
+    """
+    accounts: list[tuple[Address, str]] = []
+    problems: list[str] = []
+    seen: dict[Address, int] = {}
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.rstrip("\r")
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        where = f"{source}:{number}"
+        fields = line.split(":")
+        if len(fields) < 2:
+            problems.append(f"{where}: expected USER:{{SCHEME}}PASSWORD[:...]")
+            continue
+        name, password_hash = fields[0], fields[1]
+        if "@" not in name and not default_domain:
+            problems.append(f"{where}: user name {name!r} has no domain (use --domain)")
+            continue
+        try:
+            address = parse_account(name, default_domain=default_domain or "")
+        except AddressError as e:
+            problems.append(f"{where}: bad user name {name!r} ({e})")
+            continue
+        if not password_hash:
+            problems.append(f"{where}: {address} has an empty password")
+            continue
+        try:
+            check_hash(password_hash)
+        except UserDatabaseError as e:
+            problems.append(f"{where}: {address}: {e}")
+            continue
+        if address in seen:
+            problems.append(f"{where}: duplicate user {address} (first on line {seen[address]})")
+            continue
+        seen[address] = number
+        accounts.append((address, normalize_stored(password_hash)))
+    return accounts, problems
+
+
 _AddressList = list[Address]
 _Signature = tuple[int, int, int, int] | None
 
@@ -129,13 +193,22 @@ class UserFile:
     # -- IUserDatabase -------------------------------------------------------------------
 
     def get_password_hash(self, address: Address) -> str | None:
+        """The account's hash, always in ``{SCHEME}data`` form (see passwords.normalize_stored)."""
         self._maybe_reload()
         entry = self._by_address.get(address)
-        return entry.password_hash if entry else None
+        return entry.stored if entry else None
 
     def exists(self, address: Address) -> bool:
         self._maybe_reload()
         return address in self._by_address
+
+    def any_hash(self, predicate: Callable[[str], bool]) -> bool:
+        """Whether some account's hash satisfies ``predicate``.
+
+        E.g. ``users.any_hash(passwords.supports_apop)``: is an APOP timestamp worth offering.
+        """
+        self._maybe_reload()
+        return any(predicate(entry.stored) for entry in self._by_address.values())
 
     # -- administration (the CLI) --------------------------------------------------------
 
@@ -152,6 +225,26 @@ class UserFile:
             if address in self._by_address:
                 raise UserExists(f"user {address} already exists")
             self._write([*self._lines, _Entry(address, str(address), password_hash, ())])
+
+    def add_many(self, accounts: Iterable[tuple[Address, str]]) -> _AddressList:
+        """Append every account not already there, in one atomic write; returns those skipped."""
+        accounts = tuple(accounts)
+        for _, password_hash in accounts:
+            check_hash(password_hash)
+        with self._locked():
+            self._load(strict=True)
+            skipped: _AddressList = []
+            new: _Lines = []
+            seen = set(self._by_address)
+            for address, password_hash in accounts:
+                if address in seen:
+                    skipped.append(address)
+                    continue
+                seen.add(address)
+                new.append(_Entry(address, str(address), password_hash, ()))
+            if new:
+                self._write([*self._lines, *new])
+            return skipped
 
     def set_hash(self, address: Address, password_hash: str) -> None:
         """Replace an account's hash, keeping its line, spelling and extra fields."""
