@@ -1,12 +1,17 @@
 """The ``mailgate`` admin command: manage accounts in STATE_DIR/users.
 
-    mailgate [--state-dir DIR] user add ADDRESS
-    mailgate [--state-dir DIR] user passwd ADDRESS
+    mailgate [--state-dir DIR] user add [--scheme SCHEME] ADDRESS
+    mailgate [--state-dir DIR] user passwd [--scheme SCHEME] ADDRESS
     mailgate [--state-dir DIR] user del ADDRESS
     mailgate [--state-dir DIR] user list
+    mailgate [--state-dir DIR] user import [--domain DOMAIN] FILE
 
 The password comes from stdin when it is not a terminal (one line, so scripts can pipe it)
-and from two getpass prompts when it is. Failures print one ``mailgate: error: ...`` line
+and from two getpass prompts when it is. New passwords are ARGON2ID unless ``--scheme``
+says otherwise; PLAIN and CRAM-MD5 keep a plaintext-equivalent secret, which APOP (PLAIN
+only) and CRAM-MD5 logins need. ``import`` reads a Dovecot passwd-file: every line is
+checked first and any bad one aborts the whole import; accounts that already exist are
+skipped with a warning. Failures print one ``mailgate: error: ...`` line
 on stderr and exit non-zero; nothing is ever half-written (the user file is rewritten
 atomically by :class:`~mailgate.auth.userdb.UserFile`).
 """
@@ -21,8 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, NoReturn
 
-from mailgate.auth.passwords import hash_password
-from mailgate.auth.userdb import UserFile
+from mailgate.auth.passwords import DEFAULT_SCHEME, HASH_SCHEMES, hash_password
+from mailgate.auth.userdb import UserFile, read_passwd_file
 from mailgate.errors import AddressError, UserDatabaseError
 from mailgate.model import Address, parse_account
 from mailgate.queue.cli import queue_command
@@ -76,8 +81,24 @@ def _build_parser() -> _Parser:
         ("del", "delete an account (its mail is kept on disk)"),
     ):
         sub = actions.add_parser(name, help=text)
+        if name != "del":
+            sub.add_argument(
+                "--scheme",
+                type=str.upper,
+                choices=HASH_SCHEMES,
+                default=DEFAULT_SCHEME,
+                metavar="SCHEME",
+                help=f"password scheme: {', '.join(HASH_SCHEMES)} (default {DEFAULT_SCHEME})",
+            )
         sub.add_argument("address", metavar="ADDRESS", help="full account address local@domain")
     actions.add_parser("list", help="list accounts, one per line")
+    imp = actions.add_parser(
+        "import", help="add the accounts of a Dovecot passwd-file (user:{SCHEME}hash:...)"
+    )
+    imp.add_argument(
+        "--domain", metavar="DOMAIN", help="domain for user names without one (user -> user@DOMAIN)"
+    )
+    imp.add_argument("file", metavar="FILE", help="Dovecot passwd-file to read")
     queue = groups.add_parser(
         "queue",
         help="inspect and steer the outbound queue: list|show|hold|release|retry|delete|flush",
@@ -114,6 +135,13 @@ def _read_password(stdin: IO[str], getpass_fn: GetPass) -> str:
     return password
 
 
+def _hash(password: str, scheme: str) -> str:
+    try:
+        return hash_password(password, scheme)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+
+
 def _make_maildir(state_dir: str, address: Address) -> None:
     maildir = os.path.join(state_dir, "mail", address.domain, address.local, "Maildir")
     for sub in ("new", "cur", "tmp"):
@@ -131,21 +159,48 @@ class _Commands:
     def db(self) -> UserFile:
         return UserFile(self.users_path)
 
-    def add(self, text: str) -> None:
+    def add(self, text: str, scheme: str = DEFAULT_SCHEME) -> None:
         address = _parse_address(text)
         if address in self.db().list():  # fail before asking for a password
             raise CommandError(f"user {address} already exists")
         password = _read_password(self.stdin, self.getpass_fn)
+        password_hash = _hash(password, scheme)
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        self.db().add(address, hash_password(password))
+        self.db().add(address, password_hash)
         _make_maildir(self.state_dir, address)
 
-    def passwd(self, text: str) -> None:
+    def passwd(self, text: str, scheme: str = DEFAULT_SCHEME) -> None:
         address = _parse_address(text)
         if address not in self.db().list():
             raise CommandError(f"no such user {address}")
         password = _read_password(self.stdin, self.getpass_fn)
-        self.db().set_hash(address, hash_password(password))
+        self.db().set_hash(address, _hash(password, scheme))
+
+    def import_file(self, path: str, domain: str | None, stderr: IO[str]) -> None:
+        if domain is not None:
+            try:
+                parse_account("postmaster", default_domain=domain)
+            except AddressError:
+                raise CommandError(f"bad domain {domain!r}") from None
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise CommandError(f"{path}: not valid UTF-8") from None
+        accounts, problems = read_passwd_file(text, path, domain)
+        if problems:
+            for problem in problems[:-1]:
+                stderr.write(f"mailgate: error: {' '.join(problem.split())}\n")
+            raise CommandError(f"{problems[-1]} (nothing imported)")
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        skipped = set(self.db().add_many(accounts))
+        for address, _ in accounts:
+            if address in skipped:
+                stderr.write(f"mailgate: warning: user {address} already exists, skipped\n")
+            else:
+                _make_maildir(self.state_dir, address)
+        count = len(accounts) - len(skipped)
+        self.stdout.write(f"imported {count} users\n")
 
     def delete(self, text: str) -> None:
         self.db().delete(_parse_address(text))
@@ -178,9 +233,11 @@ def main(
         if args.action == "list":
             commands.list()
         elif args.action == "add":
-            commands.add(args.address)
+            commands.add(args.address, args.scheme)
         elif args.action == "passwd":
-            commands.passwd(args.address)
+            commands.passwd(args.address, args.scheme)
+        elif args.action == "import":
+            commands.import_file(args.file, args.domain, stderr)
         elif args.action == "del":
             commands.delete(args.address)
         else:  # pragma: no cover - argparse only accepts the choices above
