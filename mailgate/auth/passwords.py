@@ -551,7 +551,13 @@ def hash_password(password: str, scheme: str = DEFAULT_SCHEME) -> str:
 
 
 def verify_password(stored: str, password: bytes) -> bool:
-    """Whether ``password`` matches ``stored``. False (never an exception) for bad stored data."""
+    """Whether ``password`` matches ``stored``. False (never an exception) for bad stored data.
+
+    A password containing NUL never matches: none can be stored (hash_password refuses it),
+    and HMAC-MD5 contexts and crypt_blowfish would otherwise ignore trailing NULs.
+    """
+    if b"\0" in password:
+        return False
     try:
         scheme, encoding, data = _resolve(stored)
         return bool(_VERIFIERS[scheme](encoding, data, password))
