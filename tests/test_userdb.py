@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.auth.userdb import NoSuchUser, UserExists, UserFile
+from mailgate.auth.passwords import supports_apop, supports_cram_md5, verify_password
+from mailgate.auth.userdb import NoSuchUser, UserExists, UserFile, read_passwd_file
 from mailgate.errors import UserDatabaseError
 from mailgate.interfaces import IUserDatabase
 from mailgate.model import Address
@@ -175,3 +176,123 @@ def test_failed_write_leaves_file_untouched(
     # The temporary file was cleaned up.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["users", "users.lock"]
     assert not db.exists(BOB)
+
+
+# -- Dovecot schemes in the user file ------------------------------------------------------
+
+SHA512_CRYPT = (
+    "$6$saltstring$svn8UoSVapNtMuq1ukKS4tPQd8iKwSMHWjl/O817G3uBnIFNjnQJuesI68u4OTLiBFdcbYEdFCoE"
+    "OfaS35inz1"
+)  # "Hello world!"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "fragment"),
+    [
+        ("alice@example.org:{PLAIN}a\nbob@example.net:{MD5-CRYPT}$1$x$y\n", 2, "{MD5-CRYPT}"),
+        ("alice@example.org:{NOSUCH}abc\n", 1, "unknown password scheme {NOSUCH}"),
+        ("alice@example.org:$1$salt$hash\n", 1, "no {SCHEME} prefix"),
+        ("alice@example.org:{CRYPT}$1$salt$hash\n", 1, "unsupported CRYPT variant"),
+    ],
+)
+def test_unknown_scheme_is_an_error_naming_file_and_line(
+    tmp_path: Path, text: str, line: int, fragment: str
+) -> None:
+    users = tmp_path / "users"
+    users.write_text(text)
+    with pytest.raises(UserDatabaseError) as exc:
+        UserFile(users)
+    assert f"{users}:{line}:" in str(exc.value)
+    assert fragment in str(exc.value)
+
+
+def test_unprefixed_crypt_is_served_with_its_scheme_and_written_back_as_is(
+    tmp_path: Path,
+) -> None:
+    users = tmp_path / "users"
+    original = f"alice@example.org:{SHA512_CRYPT}\nbob@example.net:{{PLAIN}}b\n"
+    users.write_text(original)
+    db = UserFile(users)
+    stored = db.get_password_hash(ALICE)
+    assert stored == "{SHA512-CRYPT}" + SHA512_CRYPT
+    assert verify_password(stored, b"Hello world!")
+    db.set_hash(BOB, "{PLAIN}c")
+    assert users.read_text() == original.replace("{PLAIN}b", "{PLAIN}c")
+
+
+def test_add_refuses_unknown_scheme_and_accepts_every_known_one(tmp_path: Path) -> None:
+    db = UserFile(tmp_path / "users")
+    with pytest.raises(UserDatabaseError, match="unknown password scheme"):
+        db.add(ALICE, "{MD5}abc")
+    db.add(ALICE, "{CRAM-MD5}" + "0" * 64)
+    db.add(BOB, SHA512_CRYPT)
+    assert db.get_password_hash(BOB) == "{SHA512-CRYPT}" + SHA512_CRYPT
+
+
+def test_any_hash_tells_whether_apop_is_worth_offering(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text("alice@example.org:{CRAM-MD5}" + "0" * 64 + "\n")
+    clock = FakeClock()
+    db = UserFile(users, clock=clock)
+    assert not db.any_hash(supports_apop)
+    assert db.any_hash(supports_cram_md5)
+    write(users, "alice@example.org:{CRAM-MD5}" + "0" * 64 + "\nbob@example.net:{PLAIN}b\n")
+    clock.now += 2
+    assert db.any_hash(supports_apop)
+
+
+def test_add_many_writes_once_and_skips_existing(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text("alice@example.org:{PLAIN}a\n")
+    db = UserFile(users)
+    carol = Address("carol", "example.org")
+    skipped = db.add_many([(ALICE, "{PLAIN}new"), (BOB, "{PLAIN}b"), (carol, "{PLAIN}c")])
+    assert skipped == [ALICE]
+    assert users.read_text() == (
+        "alice@example.org:{PLAIN}a\nbob@example.net:{PLAIN}b\ncarol@example.org:{PLAIN}c\n"
+    )
+    # A bad hash anywhere refuses the whole batch.
+    with pytest.raises(UserDatabaseError):
+        db.add_many([(Address("dave", "example.org"), "{PLAIN}d"), (carol, "{BAD}x")])
+    assert not db.exists(Address("dave", "example.org"))
+
+
+DOVECOT_FILE = f"""\
+# Dovecot passwd-file: user:password:uid:gid:gecos:home:shell:extra
+alice@example.org:{{PLAIN}}a:1000:1000::/home/alice::userdb_quota_rule=*:storage=1G
+bob:{{SHA512-CRYPT}}{SHA512_CRYPT}:1001:1001::/home/bob
+carol:{SHA512_CRYPT}
+Dave@Example.ORG:{{CRAM-MD5}}{"0" * 64}
+
+"""
+
+
+def test_read_passwd_file_with_mixed_schemes() -> None:
+    accounts, problems = read_passwd_file(DOVECOT_FILE, "dovecot.users", "example.net")
+    assert problems == []
+    assert accounts == [
+        (Address("alice", "example.org"), "{PLAIN}a"),
+        (Address("bob", "example.net"), "{SHA512-CRYPT}" + SHA512_CRYPT),
+        (Address("carol", "example.net"), "{SHA512-CRYPT}" + SHA512_CRYPT),
+        (Address("dave", "example.org"), "{CRAM-MD5}" + "0" * 64),
+    ]
+
+
+def test_read_passwd_file_reports_every_bad_line() -> None:
+    text = (
+        "ok@example.org:{PLAIN}x\n"
+        "bare:{PLAIN}x\n"
+        "nopassword@example.org:\n"
+        "weird@example.org:{MD5-CRYPT}$1$x$y\n"
+        "../evil@example.org:{PLAIN}x\n"
+        "just-a-name\n"
+        "OK@example.org:{PLAIN}y\n"
+    )
+    accounts, problems = read_passwd_file(text, "f", None)
+    assert accounts == [(Address("ok", "example.org"), "{PLAIN}x")]
+    assert [p.split(": ", 1)[0] for p in problems] == ["f:2", "f:3", "f:4", "f:5", "f:6", "f:7"]
+    assert "no domain" in problems[0]
+    assert "empty password" in problems[1]
+    assert "{MD5-CRYPT}" in problems[2]
+    assert "bad user name" in problems[3]
+    assert "duplicate user ok@example.org (first on line 1)" in problems[5]
