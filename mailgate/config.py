@@ -7,6 +7,7 @@ file and the key, so a typo never silently runs a server with a default.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -30,6 +31,24 @@ DEFAULT_LISTENERS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+FAULT_ACTIONS = ("delay", "error", "drop")
+
+
+@dataclass(frozen=True)
+class FaultRule:
+    """A lab fault on one command verb, fired always, every Nth time, or with a probability.
+
+    ``reply`` is the whole reply line for ``error`` (no CRLF); ``seconds`` the hold for ``delay``.
+    """
+
+    command: str
+    action: str
+    reply: str | None = None
+    seconds: float = 0.0
+    every: int | None = None
+    probability: float | None = None
+
+
 @dataclass(frozen=True)
 class Listener:
     """One listening socket: which protocol, where (a Twisted endpoint string), which TLS.
@@ -41,6 +60,11 @@ class Listener:
     endpoint: str
     tls: str
     xtnd_xmit: bool | None = None
+    #: A lab listener may carry fault rules (see mailgate.lab.faults); off by default.
+    lab: bool = False
+    #: Record every session's wire transcript under STATE_DIR/transcripts (mailgate.lab).
+    transcripts: bool = False
+    faults: tuple[FaultRule, ...] = ()
 
     @property
     def name(self) -> str:
@@ -264,8 +288,17 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
             xmit = sec.take("xtnd_xmit", bool, None)
             if xmit is not None and proto != "pop3":
                 raise sec.error("xtnd_xmit", "only POP3 listeners have XTND XMIT")
+            lab = sec.take("lab", bool, False)
+            transcripts = sec.take("transcripts", bool, False)
+            raw_faults = sec.take("faults", list, [])
+            if raw_faults and not lab:
+                raise sec.error("faults", "fault injection needs a lab listener (lab = true)")
+            faults = tuple(
+                _fault_rule(source, f"{sec.key('faults')}[{j}].", rule, proto)
+                for j, rule in enumerate(raw_faults)
+            )
             sec.done()
-            listeners.append(Listener(proto, endpoint, mode, xmit))
+            listeners.append(Listener(proto, endpoint, mode, xmit, lab, transcripts, faults))
 
     pop3 = top.sub("pop3")
     pop3_cfg = Pop3Config(
@@ -343,6 +376,55 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         relay=relay_cfg,
         queue=queue_cfg,
         embedded_defaults=False,
+    )
+
+
+_FAULT_VERB = re.compile(r"[A-Za-z*][A-Za-z0-9*]{0,15}")
+_SMTP_ERROR = re.compile(r"[45][0-9][0-9]( [\x20-\x7e]*)?")
+_POP3_ERROR = re.compile(r"-ERR( [\x20-\x7e]*)?")
+
+
+def _fault_rule(source: str, prefix: str, item: object, protocol: str) -> FaultRule:
+    """One ``faults`` entry of a lab listener, checked strictly (keys, action, reply form)."""
+    if not isinstance(item, dict):
+        raise ConfigError(f"{source}: {prefix[:-1]}: expected a table")
+    sec = _Section(source, prefix, item)
+    command = sec.take("command", str, "")
+    if not _FAULT_VERB.fullmatch(command):
+        raise sec.error("command", "required: one command verb such as RETR or MAIL")
+    action = sec.choice("action", FAULT_ACTIONS, "")
+    reply = sec.take("reply", str, None)
+    seconds = sec.take("seconds", (int, float), None)
+    every = sec.take("every", int, None)
+    probability = sec.take("probability", (int, float), None)
+    if action == "error":
+        if reply is None:
+            raise sec.error("reply", "required for action = error")
+        pattern = _POP3_ERROR if protocol == "pop3" else _SMTP_ERROR
+        if len(reply) > 510 or not pattern.fullmatch(reply):
+            form = "-ERR ..." if protocol == "pop3" else "4xx/5xx ..."
+            raise sec.error("reply", f"must be one printable line of the form {form!r}")
+    elif reply is not None:
+        raise sec.error("reply", "only action = error takes a reply")
+    if action == "delay":
+        if seconds is None or not 0 < seconds <= 3600:
+            raise sec.error("seconds", "required for action = delay: 0 < seconds <= 3600")
+    elif seconds is not None:
+        raise sec.error("seconds", "only action = delay takes seconds")
+    if every is not None and probability is not None:
+        raise sec.error("every", "give every or probability, not both")
+    if every is not None and every < 1:
+        raise sec.error("every", "must be at least 1")
+    if probability is not None and not 0 < probability <= 1:
+        raise sec.error("probability", "must be in (0, 1]")
+    sec.done()
+    return FaultRule(
+        command=command.upper(),
+        action=action,
+        reply=reply,
+        seconds=float(seconds or 0.0),
+        every=every,
+        probability=None if probability is None else float(probability),
     )
 
 
