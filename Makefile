@@ -23,3 +23,12 @@ test: install lint
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache _trial_temp
+
+.PHONY: bench bench-quick
+
+# Benchmarks: mailgate side by side with Dovecot/Postfix when installed (see benchmarks/README.md).
+bench: install
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: install
+	$(BIN)/python -m benchmarks.run --quick

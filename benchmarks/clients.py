@@ -1,0 +1,173 @@
+"""Minimal asyncio POP3 and SMTP clients, just enough protocol for the load generator.
+
+Every reply is checked: a ``-ERR`` or an unexpected SMTP code raises :class:`ProtocolError`, so
+a benchmark never counts a failed operation as a fast one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+
+TERMINATOR = b"\r\n.\r\n"
+
+
+class ProtocolError(Exception):
+    """The server answered something other than success."""
+
+
+def client_tls() -> ssl.SSLContext:
+    """Loopback benchmark servers use throw-away self-signed certificates: no verification."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class Conn:
+    """A buffered line/terminator reader over an asyncio stream pair."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.buf = bytearray()
+
+    @classmethod
+    async def open(cls, port: int, tls: ssl.SSLContext | None = None) -> Conn:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls, limit=1 << 20)
+        return cls(reader, writer)
+
+    async def _fill(self) -> None:
+        data = await self.reader.read(1 << 18)
+        if not data:
+            raise ProtocolError("connection closed by server")
+        self.buf += data
+
+    async def line(self) -> bytes:
+        while True:
+            i = self.buf.find(b"\r\n")
+            if i >= 0:
+                out = bytes(self.buf[:i])
+                del self.buf[: i + 2]
+                return out
+            await self._fill()
+
+    async def until_terminator(self) -> int:
+        """Consume a POP3 multi-line body up to CRLF.CRLF; returns its length (not kept)."""
+        # The status line was consumed already, so the body may be empty: ".\r\n" at once.
+        total = 0
+        while True:
+            if self.buf[:3] == b".\r\n" and total == 0:
+                del self.buf[:3]
+                return 0
+            i = self.buf.find(TERMINATOR)
+            if i >= 0:
+                total += i + 2
+                del self.buf[: i + len(TERMINATOR)]
+                return total
+            # Keep the last 4 bytes: the terminator may straddle two reads.
+            keep = len(self.buf) - 4
+            if keep > 0:
+                total += keep
+                del self.buf[:keep]
+            await self._fill()
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (OSError, ssl.SSLError):
+            pass
+
+
+# -- POP3 --------------------------------------------------------------------------------
+
+
+async def pop3_ok(c: Conn) -> bytes:
+    line = await c.line()
+    if not line.startswith(b"+OK"):
+        raise ProtocolError(line[:80].decode("latin-1"))
+    return line
+
+
+async def pop3_cmd(c: Conn, cmd: bytes) -> bytes:
+    c.send(cmd + b"\r\n")
+    return await pop3_ok(c)
+
+
+async def pop3_multi(c: Conn, cmd: bytes) -> int:
+    """A multi-line command (UIDL, LIST, RETR): returns the body length in octets."""
+    # The body may begin in the same read as the status line, which is why the one buffer
+    # is shared: pop3_cmd leaves any following bytes in it.
+    await pop3_cmd(c, cmd)
+    return await c.until_terminator()
+
+
+async def pop3_login(port: int, user: str, password: str, tls: ssl.SSLContext | None) -> Conn:
+    c = await Conn.open(port, tls)
+    await pop3_ok(c)
+    await pop3_cmd(c, b"USER " + user.encode())
+    await pop3_cmd(c, b"PASS " + password.encode())
+    return c
+
+
+async def pop3_quit(c: Conn) -> None:
+    await pop3_cmd(c, b"QUIT")
+    await c.close()
+
+
+async def pop3_stat(c: Conn) -> tuple[int, int]:
+    parts = (await pop3_cmd(c, b"STAT")).split()
+    return int(parts[1]), int(parts[2])
+
+
+# -- SMTP --------------------------------------------------------------------------------
+
+
+async def smtp_reply(c: Conn, expect: int) -> list[bytes]:
+    lines = []
+    while True:
+        line = await c.line()
+        lines.append(line)
+        if len(line) < 4 or line[3:4] != b"-":
+            break
+    code = int(lines[-1][:3]) if lines[-1][:3].isdigit() else 0
+    if code != expect:
+        raise ProtocolError(b" / ".join(lines)[:160].decode("latin-1"))
+    return lines
+
+
+async def smtp_cmd(c: Conn, cmd: bytes, expect: int) -> list[bytes]:
+    c.send(cmd + b"\r\n")
+    return await smtp_reply(c, expect)
+
+
+async def smtp_login(port: int, user: str, password: str, tls: ssl.SSLContext | None) -> Conn:
+    c = await Conn.open(port, tls)
+    await smtp_reply(c, 220)
+    await smtp_cmd(c, b"EHLO bench.client", 250)
+    token = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+    await smtp_cmd(c, b"AUTH PLAIN " + token, 235)
+    return c
+
+
+async def smtp_send(c: Conn, sender: str, rcpt: str, wire_body: bytes) -> None:
+    """One transaction; ``wire_body`` is already CRLF, dot-stuffed and ends with CRLF."""
+    await smtp_cmd(c, b"MAIL FROM:<" + sender.encode() + b">", 250)
+    await smtp_cmd(c, b"RCPT TO:<" + rcpt.encode() + b">", 250)
+    await smtp_cmd(c, b"DATA", 354)
+    c.send(wire_body + b".\r\n")
+    await smtp_reply(c, 250)
+
+
+async def smtp_quit(c: Conn) -> None:
+    c.send(b"QUIT\r\n")
+    try:
+        await smtp_reply(c, 221)
+    except ProtocolError:
+        pass
+    await c.close()

@@ -1,0 +1,205 @@
+"""The benchmark scenarios: each runs against one server and returns named figures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from benchmarks import clients, loadgen, seed
+from benchmarks.procstat import MemorySampler, thread_cpu, tree_cpu, tree_memory_kb
+from benchmarks.servers import PASSWORD, Server
+
+Figures = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything that makes a run quick or full."""
+
+    rounds: int
+    duration: float
+    concurrency: int
+    retr_count: int
+    retr_size: int
+    big_size: int
+    huge_count: int
+    idle: int
+    later_logins: int
+
+    def boxes(self) -> list[seed.Mailbox]:
+        boxes = [seed.Mailbox(f"s{i:02d}", self.retr_count, self.retr_size) for i in range(16)]
+        boxes += [
+            seed.Mailbox("big", 1, self.big_size),
+            seed.Mailbox("huge", self.huge_count, 600),
+            seed.Mailbox("inbox", 0, 0),
+            seed.Mailbox("sender", 0, 0),
+        ]
+        return boxes
+
+
+QUICK = Sizes(
+    rounds=1, duration=4.0, concurrency=16, retr_count=10, retr_size=10 * 1024,
+    big_size=10 * 2**20, huge_count=10_000, idle=500, later_logins=2,
+)  # fmt: skip
+FULL = Sizes(
+    rounds=3, duration=10.0, concurrency=16, retr_count=10, retr_size=10 * 1024,
+    big_size=50 * 2**20, huge_count=100_000, idle=10_000, later_logins=3,
+)  # fmt: skip
+
+SESSION_USERS = [(f"s{i:02d}@{seed.DOMAIN}", PASSWORD) for i in range(16)]
+
+
+def _user(local: str) -> str:
+    return f"{local}@{seed.DOMAIN}"
+
+
+def _split_threads(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """(reactor-thread CPU, other-threads CPU) spent between two thread_cpu() readings."""
+    main = after.get("main", 0.0) - before.get("main", 0.0)
+    rest = sum(v - before.get(k, 0.0) for k, v in after.items() if k != "main")
+    return main, rest
+
+
+def closed_loop(server: Server, job: loadgen.Job, roots: list[int], unit: str) -> Figures:
+    """Run a load job; figures: rate, server CPU per op, client CPU, peak memory."""
+    single = server.name == "mailgate"
+    threads0 = thread_cpu(roots[0]) if single else {}
+    cpu0 = tree_cpu(roots)
+    with MemorySampler(roots) as mem:
+        result = loadgen.run_job(job)
+    cpu = tree_cpu(roots) - cpu0
+    ops = max(result.ops, 1)
+    figures: Figures = {
+        f"{unit}_per_s": result.rate,
+        "server_cpu_ms_per_op": 1000 * cpu / ops,
+        "server_cpu_util": cpu / result.elapsed,
+        "client_cpu_util": result.client_cpu / result.elapsed,
+        "peak_mem_mb": mem.peak_kb / 1024,
+        "errors": float(result.errors),
+    }
+    if single:
+        main, rest = _split_threads(threads0, thread_cpu(roots[0]))
+        figures["reactor_cpu_ms_per_op"] = 1000 * main / ops
+        figures["pool_cpu_ms_per_op"] = 1000 * rest / ops
+    if result.first_error:
+        print(f"    {server.name}: {result.errors} errors, first: {result.first_error}")
+    return figures
+
+
+def pop3_sessions(server: Server, sizes: Sizes, tls: bool = False) -> Figures:
+    port = server.ports.pop3s if tls else server.ports.pop3
+    job = loadgen.Job(
+        "pop3_session", port, sizes.concurrency, sizes.duration, tls=tls,
+        users=SESSION_USERS, nretr=sizes.retr_count,
+    )  # fmt: skip
+    return closed_loop(server, job, server.roots, "sessions")
+
+
+def submissions(server: Server, roots: list[int], sizes: Sizes, per_conn: int) -> Figures:
+    body = seed.message(10 * 1024, 1).replace(b"\n", b"\r\n")
+    job = loadgen.Job(
+        "smtp_submit", server.ports.submission, sizes.concurrency, sizes.duration,
+        users=[(_user("sender"), PASSWORD)], rcpt=_user("inbox"), body=body, per_conn=per_conn,
+    )  # fmt: skip
+    return closed_loop(server, job, roots, "messages")
+
+
+def handshakes(server: Server, roots: list[int], sizes: Sizes, proto: str) -> Figures:
+    port = server.ports.pop3s if proto == "pop3" else server.ports.submissions
+    job = loadgen.Job(
+        "tls_handshake", port, sizes.concurrency, sizes.duration, tls=True, proto=proto
+    )
+    return closed_loop(server, job, roots, "handshakes")
+
+
+def retr_big(server: Server) -> Figures:
+    """RETR of the one big message: MB/s on the wire and the server's peak memory."""
+
+    async def run() -> tuple[float, int]:
+        c = await clients.pop3_login(server.ports.pop3, _user("big"), PASSWORD, None)
+        start = time.perf_counter()
+        octets = await clients.pop3_multi(c, b"RETR 1")
+        elapsed = time.perf_counter() - start
+        await clients.pop3_quit(c)
+        return elapsed, octets
+
+    base = tree_memory_kb(server.roots)
+    with MemorySampler(server.roots, interval=0.02) as mem:
+        elapsed, octets = asyncio.run(run())
+    return {
+        "retr_mb_per_s": octets / elapsed / 2**20,
+        "retr_s": elapsed,
+        "peak_mem_mb": mem.peak_kb / 1024,
+        "mem_growth_mb": (mem.peak_kb - base) / 1024,
+    }
+
+
+def huge_maildrop(server: Server, logins: int) -> list[Figures]:
+    """Login+STAT and UIDL on the huge maildrop, ``logins`` times in a row."""
+
+    async def once() -> Figures:
+        start = time.perf_counter()
+        c = await clients.pop3_login(server.ports.pop3, _user("huge"), PASSWORD, None)
+        count, _ = await clients.pop3_stat(c)
+        stat_done = time.perf_counter()
+        await clients.pop3_multi(c, b"UIDL")
+        uidl_done = time.perf_counter()
+        await clients.pop3_quit(c)
+        return {
+            "login_stat_s": stat_done - start,
+            "uidl_s": uidl_done - stat_done,
+            "messages": float(count),
+        }
+
+    out = []
+    for _ in range(logins):
+        cpu0 = tree_cpu(server.roots)
+        figures = asyncio.run(asyncio.wait_for(once(), 600))
+        figures["server_cpu_s"] = tree_cpu(server.roots) - cpu0
+        out.append(figures)
+    return out
+
+
+def idle_connections(server: Server, count: int, first_user: int = 0) -> Figures:
+    """Hold ``count`` authenticated POP3 sessions (one maildrop each); memory per session."""
+    loadgen.raise_fd_limit()
+    base = tree_memory_kb(server.roots)
+    conns: list[clients.Conn] = []
+    errors = 0
+
+    async def run() -> None:
+        nonlocal errors
+        sem = asyncio.Semaphore(64)
+
+        async def one(i: int) -> None:
+            nonlocal errors
+            async with sem:
+                try:
+                    user = _user(f"idle{first_user + i:05d}")
+                    conns.append(await clients.pop3_login(server.ports.pop3, user, "idle", None))
+                except (OSError, clients.ProtocolError, TimeoutError) as e:
+                    errors += 1
+                    if errors == 1:
+                        print(f"    {server.name}: idle login failed: {e}")
+
+        start = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(count))), 900)
+        opened = time.perf_counter() - start
+        await asyncio.sleep(1.0)
+        held["mem"] = tree_memory_kb(server.roots)
+        held["open_s"] = opened
+        for c in conns:
+            c.writer.close()
+        await asyncio.sleep(0.5)
+
+    held: dict[str, float] = {}
+    asyncio.run(run())
+    n = max(len(conns), 1)
+    return {
+        "held": float(len(conns)),
+        "kb_per_conn": (held["mem"] - base) / n,
+        "total_mem_mb": held["mem"] / 1024,
+        "logins_per_s": len(conns) / held["open_s"],
+        "errors": float(errors),
+    }
