@@ -7,6 +7,7 @@ file and the key, so a typo never silently runs a server with a default.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -145,6 +146,10 @@ class Config:
     queue: QueueConfig = QueueConfig()
     #: True when no config file was given: the demo account may be created.
     embedded_defaults: bool = True
+    #: Processes serving the listeners (the master plus workers-1 children); see workers.py.
+    workers: int = field(default_factory=lambda: default_workers())
+    #: Seconds SIGTERM lets open sessions finish before they are cut (without UPDATE).
+    shutdown_grace: float = 30.0
 
     @property
     def all_local_domains(self) -> tuple[str, ...]:
@@ -162,6 +167,11 @@ class Config:
     @property
     def self_signed(self) -> bool:
         return self.tls_cert is None
+
+
+def default_workers() -> int:
+    """One process per core: the default for the ``workers`` key."""
+    return max(os.cpu_count() or 1, 1)
 
 
 def network_predicate(networks: Iterable[Network]) -> Callable[[str], bool]:
@@ -265,6 +275,10 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         _strings(top, "allow_plaintext_from", []), f"{source}: allow_plaintext_from"
     )
     trusted = parse_networks(_strings(top, "trusted_networks", []), f"{source}: trusted_networks")
+    workers: int = top.take("workers", int, default_workers())
+    if workers < 1:
+        raise top.error("workers", "must be at least 1")
+    shutdown_grace = float(top.positive("shutdown_grace", 30.0, minimum=0))
 
     tls = top.sub("tls")
     cert = tls.take("cert", str, None)
@@ -376,6 +390,8 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         relay=relay_cfg,
         queue=queue_cfg,
         embedded_defaults=False,
+        workers=workers,
+        shutdown_grace=shutdown_grace,
     )
 
 
@@ -480,6 +496,8 @@ def with_overrides(
     smarthost_tls: str | None = None,
     smarthost_ca: str | None = None,
     smarthost_auth_file: str | None = None,
+    workers: int | None = None,
+    shutdown_grace: float | None = None,
 ) -> Config:
     """Apply command-line options on top of a file's (or the embedded) configuration.
 
@@ -525,6 +543,14 @@ def with_overrides(
         relay["auth_file"] = Path(smarthost_auth_file)
     if relay:
         changes["relay"] = replace(config.relay, **relay)
+    if workers is not None:
+        if workers < 1:
+            raise ConfigError("command line: --workers: must be at least 1")
+        changes["workers"] = workers
+    if shutdown_grace is not None:
+        if shutdown_grace < 0:
+            raise ConfigError("command line: --shutdown-grace: must be at least 0")
+        changes["shutdown_grace"] = shutdown_grace
     return replace(config, **changes)
 
 

@@ -2,31 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
     IListeningPort,
+    IOpenSSLContextFactory,
+    IProtocol,
     IProtocolFactory,
     IReactorCore,
     IReactorTime,
 )
+from twisted.internet.protocol import ServerFactory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailgate import demo, tls
 from mailgate.auth.checker import PasswordChecker
 from mailgate.auth.passwords import DUMMY_HASH, hash_password, verify_password
 from mailgate.auth.userdb import UserFile
 from mailgate.config import Config, Listener, network_predicate, read_auth_file
+from mailgate.errors import ConfigError
 from mailgate.model import Address, Envelope
 from mailgate.pop3.server import Pop3Factory, Pop3Settings
 from mailgate.queue.runner import QueueRunner, QueueSettings
@@ -35,24 +46,129 @@ from mailgate.realm import MailRealm
 from mailgate.relay.client import SmtpRelay
 from mailgate.smtp.server import SmtpFactory, SmtpSettings
 from mailgate.store.maildir import MaildirStore
+from mailgate.workers import WorkerPool, bind_socket, tcp_address, worker_command
 
 log = Logger()
 
 
-class ListeningService(Service):
-    """Listens on one endpoint while running; remembers the port so tests can find it."""
+@implementer(IOpenSSLContextFactory)
+class ReloadableContext:
+    """The TLS server context every factory holds; SIGHUP swaps what is behind it.
 
-    def __init__(self, reactor: Any, listener: Listener, factory: IProtocolFactory) -> None:
+    Factories keep this one object, so reloading needs no new factories: each handshake
+    asks ``getContext()`` afresh (Twisted builds one Connection per handshake from it).
+    Sessions already in TLS keep the certificate they started with.
+    """
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load = load
+        self.options: Any = load()
+
+    def getContext(self) -> Any:
+        return self.options.getContext()
+
+    def reload(self) -> None:
+        """Load the files again; on error keep the current context and raise ConfigError."""
+        self.options = self._load()
+
+
+class SessionTracker(ServerFactory):
+    """Wraps a factory to know its open sessions, so shutdown can wait for them to end."""
+
+    def __init__(self, wrapped: IProtocolFactory) -> None:
+        self.wrapped = wrapped
+        self.sessions: set[IProtocol] = set()
+        self._idle: list[Deferred[None]] = []
+
+    def startFactory(self) -> None:
+        self.wrapped.doStart()
+
+    def stopFactory(self) -> None:
+        self.wrapped.doStop()
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        protocol = self.wrapped.buildProtocol(addr)  # type: ignore[arg-type]
+        if protocol is None:
+            return None
+        self.sessions.add(protocol)
+        lost = protocol.connectionLost
+
+        def connection_lost(reason: Failure) -> None:
+            try:
+                lost(reason)
+            finally:
+                self._gone(protocol)
+
+        # An instance attribute shadows the method: no wrapper in the data path.
+        setattr(protocol, "connectionLost", connection_lost)  # noqa: B010
+        return protocol
+
+    def _gone(self, protocol: IProtocol) -> None:
+        self.sessions.discard(protocol)
+        if not self.sessions:
+            waiters, self._idle = self._idle, []
+            for d in waiters:
+                d.callback(None)
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires when no session is open (at once if none is)."""
+        if not self.sessions:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
+
+    def abort_all(self) -> None:
+        """Cut every open session: no POP3 UPDATE, no SMTP message is acknowledged."""
+        for protocol in list(self.sessions):
+            transport = getattr(protocol, "transport", None)
+            if transport is None:
+                self._gone(protocol)
+                continue
+            abort = getattr(transport, "abortConnection", None) or transport.loseConnection
+            with contextlib.suppress(Exception):
+                abort()
+
+
+class ListeningService(Service):
+    """Listens on one endpoint (or an inherited socket) while running.
+
+    Remembers the port so tests can find it. Stopping stops accepting at once, then lets
+    open sessions finish for up to ``grace`` seconds before cutting them.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        listener: Listener,
+        factory: IProtocolFactory,
+        *,
+        fd: int | None = None,
+        family: int = socket.AF_INET,
+        grace: float = 0.0,
+    ) -> None:
         self.reactor = reactor
         self.listener = listener
         self.factory = factory
+        self.tracker = SessionTracker(factory)
+        self.fd = fd
+        self.family = family
+        self.grace = grace
         self.port: IListeningPort | None = None
         self.listening: Deferred[IListeningPort] = Deferred()
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
+        if self.fd is not None:
+            try:
+                port = self.reactor.adoptStreamPort(self.fd, self.family, self.tracker)
+            except Exception:
+                self._failed(Failure())  # type: ignore[no-untyped-call]
+            else:
+                self._listening(port)
+            return
         endpoint = serverFromString(self.reactor, self.listener.endpoint)  # type: ignore[no-untyped-call]
-        d = endpoint.listen(self.factory)
+        d = endpoint.listen(self.tracker)
         d.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
@@ -79,16 +195,68 @@ class ListeningService(Service):
         if IReactorCore.providedBy(self.reactor) and self.reactor.running:
             self.reactor.stop()
 
-    def stopService(self) -> Deferred[None] | None:
+    def stopService(self) -> Deferred[Any]:
         super().stopService()  # type: ignore[no-untyped-call]
+        stopped: Deferred[Any] = succeed(None)
         if self.port is not None:
             port, self.port = self.port, None
-            return port.stopListening()
-        return None
+            stopped = Deferred.fromCoroutine(_await(port.stopListening()))
+        return stopped.addBoth(lambda _: self.drain())
+
+    def drain(self) -> Deferred[None]:
+        """Wait for the open sessions to end, cutting them after the grace period."""
+        tracker = self.tracker
+        if not tracker.sessions:
+            return succeed(None)
+        log.info(
+            "{name}: waiting up to {grace}s for {count} open session(s)",
+            name=self.listener.name,
+            grace=self.grace,
+            count=len(tracker.sessions),
+        )
+        idle = tracker.when_idle()
+        calls: list[IDelayedCall] = []
+
+        def cut() -> None:
+            if tracker.sessions:
+                log.info(
+                    "{name}: grace period over, closing {count} session(s)",
+                    name=self.listener.name,
+                    count=len(tracker.sessions),
+                )
+                tracker.abort_all()
+                # A transport that never reports its end must not hold shutdown forever.
+                calls.append(self.reactor.callLater(5.0, forget))
+
+        def forget() -> None:
+            for protocol in list(tracker.sessions):
+                tracker._gone(protocol)
+
+        calls.append(self.reactor.callLater(self.grace, cut))
+
+        def done(result: None) -> None:
+            for call in calls:
+                if call.active():
+                    call.cancel()
+            return result
+
+        return idle.addBoth(done)
+
+
+async def _await(value: Any) -> Any:
+    """Await a maybe-Deferred (stopListening may return None)."""
+    if isinstance(value, Deferred):
+        return await value
+    return value
 
 
 class MailgateService(MultiService):
-    """The running gateway; ``listeners`` lets callers (tests) find the bound ports."""
+    """The running gateway; ``listeners`` lets callers (tests) find the bound ports.
+
+    ``reload()`` (SIGHUP) reloads the TLS certificate and the user database without
+    touching open sessions. ``install_signals`` (set by tap and the worker entry point)
+    makes it handle SIGHUP while running.
+    """
 
     def __init__(self, config: Config, realm: MailRealm, users: UserFile) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -97,11 +265,58 @@ class MailgateService(MultiService):
         self.users = users
         self.listeners: list[ListeningService] = []
         self.runner: QueueRunner | None = None
+        self.tls: ReloadableContext | None = None
+        self.pool: WorkerPool | None = None
+        #: Listening sockets bound by the master for its workers.
+        self.sockets: list[socket.socket] = []
+        self.install_signals = False
+        #: Called with a queue id when this process spooled an outbound message.
+        self.on_queued: Callable[[str], None] = lambda _: None
+        self._reactor: Any = None
+        self._old_hup: Any = None
 
     def ports(self) -> Deferred[list[IListeningPort]]:
         from twisted.internet.defer import gatherResults
 
         return gatherResults([s.listening for s in self.listeners])
+
+    def reload(self) -> None:
+        """Reload certificates and users for new sessions; open sessions carry on."""
+        log.info("reloading the TLS certificate and the user database")
+        try:
+            self.users._load(strict=False)
+        except Exception:
+            log.failure("user database reload failed")
+        if self.tls is not None:
+            try:
+                self.tls.reload()
+            except ConfigError as e:
+                log.error("TLS reload failed, keeping the old certificate: {error}", error=e)
+        if self.pool is not None:
+            self.pool.reload()
+
+    def _sighup(self, signum: int, frame: FrameType | None) -> None:
+        if self._reactor is not None:
+            self._reactor.callFromThread(self.reload)
+
+    def startService(self) -> None:
+        if self.install_signals and hasattr(signal, "SIGHUP"):
+            self._old_hup = signal.signal(signal.SIGHUP, self._sighup)
+        super().startService()  # type: ignore[no-untyped-call]
+
+    def stopService(self) -> Deferred[Any]:
+        log.info(
+            "stopping: no new connections, open sessions get {grace}s",
+            grace=self.config.shutdown_grace,
+        )
+        if self._old_hup is not None:
+            signal.signal(signal.SIGHUP, self._old_hup)
+            self._old_hup = None
+        for sock in self.sockets:
+            sock.close()  # the kernel stops queueing connections once every process let go
+        self.sockets = []
+        d = super().stopService()  # type: ignore[no-untyped-call]
+        return d if isinstance(d, Deferred) else succeed(None)
 
 
 def bootstrap_demo(config: Config, users: UserFile, out: Callable[[str], object]) -> None:
@@ -146,9 +361,21 @@ def _resolver(reactor: Any, servers: tuple[tuple[str, int], ...]) -> Any:
 
 
 def build_service(
-    config: Config, reactor: Any, out: Callable[[str], object] = sys.stdout.write
+    config: Config,
+    reactor: Any,
+    out: Callable[[str], object] = sys.stdout.write,
+    *,
+    worker_args: Sequence[str] | None = None,
+    inherited_fds: Sequence[int] | None = None,
 ) -> MailgateService:
-    """Wire the whole gateway for ``config``; nothing listens until the service starts."""
+    """Wire the whole gateway for ``config``; nothing listens until the service starts.
+
+    ``worker_args`` (the ``twistd mailgate`` arguments) lets this process be the master of
+    ``config.workers`` processes: it binds the TCP listeners now and spawns the others with
+    the same arguments. ``inherited_fds`` makes it such a child: it adopts those sockets (in
+    the order of the TCP listeners), runs no queue runner and creates no demo account.
+    """
+    is_child = inherited_fds is not None
     state = config.state_dir
     state.mkdir(parents=True, exist_ok=True)
     (state / "mail").mkdir(exist_ok=True)
@@ -156,11 +383,14 @@ def build_service(
         config.cert_path, config.key_path, config.hostname
     ):
         log.info("created a self-signed certificate in {path}", path=str(config.cert_path))
-    context = tls.server_context(config.cert_path, config.key_path)
+    context = ReloadableContext(
+        functools.partial(tls.server_context, config.cert_path, config.key_path)
+    )
 
     run_in_thread = functools.partial(deferToThreadPool, reactor, reactor.getThreadPool())
     users = UserFile(state / "users")
-    bootstrap_demo(config, users, out)
+    if not is_child:
+        bootstrap_demo(config, users, out)
     store = MaildirStore(str(state / "mail"), run_in_thread, hostname=config.hostname)
     spool = Spool(state / "spool", run_in_thread, reactor)
     realm = MailRealm(store, users, config.all_local_domains, spool)
@@ -199,8 +429,15 @@ def build_service(
             max_concurrent=config.queue.max_concurrent,
         ),
     )
-    runner.setServiceParent(service)  # type: ignore[no-untyped-call]
-    service.runner = runner
+    service.tls = context
+    if is_child:
+        # The master's runner is the spool's only state changer; tell it about new entries.
+        spool.add_listener(lambda queue_id: service.on_queued(queue_id))
+    else:
+        runner.setServiceParent(service)  # type: ignore[no-untyped-call]
+        service.runner = runner
+    is_master = not is_child and worker_args is not None and config.workers > 1
+    inherited = list(inherited_fds or ())
     for listener in config.listeners:
         implicit = listener.tls == "implicit"
         factory: IProtocolFactory
@@ -254,7 +491,43 @@ def build_service(
             )
         if implicit:
             factory = TLSMemoryBIOFactory(context, False, factory)
-        child = ListeningService(reactor, listener, factory)
+        fd: int | None = None
+        family: int = socket.AF_INET
+        address = tcp_address(reactor, listener.endpoint) if (is_master or is_child) else None
+        if address is not None:
+            family = address.family
+            if is_child:
+                fd = inherited.pop(0)
+            else:
+                try:
+                    sock = bind_socket(address)
+                except OSError as e:
+                    for bound in service.sockets:
+                        bound.close()
+                    raise ConfigError(
+                        f"{listener.name}: cannot listen on {listener.endpoint}: {e.strerror}"
+                    ) from None
+                service.sockets.append(sock)
+                fd = sock.fileno()
+        elif is_child:
+            continue  # not TCP (e.g. unix:): only the master serves it
+        child = ListeningService(
+            reactor, listener, factory, fd=fd, family=family, grace=config.shutdown_grace
+        )
         child.setServiceParent(service)  # type: ignore[no-untyped-call]
         service.listeners.append(child)
+    if is_master and worker_args is not None:
+        fds = [sock.fileno() for sock in service.sockets]
+        pool = WorkerPool(
+            reactor,
+            worker_command(worker_args, len(fds)),
+            fds,
+            config.workers - 1,
+            config.shutdown_grace,
+            on_queued=spool.notify,
+            ready=runner.when_recovered,
+        )
+        pool.setServiceParent(service)  # type: ignore[no-untyped-call]
+        service.pool = pool
+    service._reactor = reactor
     return service

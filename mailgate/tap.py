@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
 
-from mailgate.config import Listener, load_config, with_overrides
+from mailgate.config import Config, Listener, load_config, with_overrides
 from mailgate.errors import ConfigError, MailgateError
 
 LISTENER_OPTIONS = {
@@ -39,6 +40,8 @@ class Options(usage.Options):
         ["smarthost-tls", None, None, "Smarthost TLS: none, opportunistic or required."],
         ["smarthost-ca", None, None, "PEM CA file to verify the smarthost's certificate."],
         ["smarthost-auth-file", None, None, "File with one line user:password for the smarthost."],
+        ["workers", "w", None, "Processes sharing the listeners (default: number of cores).", int],
+        ["shutdown-grace", None, None, "Seconds SIGTERM lets sessions finish (default 30).", float],
     ]
     optFlags = [
         ["xtnd-xmit", None, "Turn on XTND XMIT (send mail over POP3) on every POP3 listener."],
@@ -48,6 +51,13 @@ class Options(usage.Options):
         super().__init__()  # type: ignore[no-untyped-call]
         self["listeners"] = []
         self["allow-plaintext-from"] = []
+        self.argv: list[str] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Parse, remembering the arguments: worker processes are started with the same."""
+        args = list(sys.argv[1:] if options is None else options)
+        self.argv = args
+        super().parseOptions(args)  # type: ignore[no-untyped-call]
 
     def _listener(self, kind: str, endpoint: str) -> None:
         protocol, mode = LISTENER_OPTIONS[kind]
@@ -74,6 +84,27 @@ class Options(usage.Options):
         self["allow-plaintext-from"].append(cidr)
 
 
+def config_from_options(options: Options) -> Config:
+    """The configuration file (or embedded defaults) with the command line applied."""
+    return with_overrides(
+        load_config(options["config"]),
+        state_dir=options["state-dir"],
+        listeners=options["listeners"],
+        tls_cert=options["tls-cert"],
+        tls_key=options["tls-key"],
+        allow_plaintext_from=options["allow-plaintext-from"],
+        hostname=options["hostname"],
+        default_domain=options["default-domain"],
+        xtnd_xmit=bool(options["xtnd-xmit"]),
+        smarthost=options["smarthost"],
+        smarthost_tls=options["smarthost-tls"],
+        smarthost_ca=options["smarthost-ca"],
+        smarthost_auth_file=options["smarthost-auth-file"],
+        workers=options["workers"],
+        shutdown_grace=options["shutdown-grace"],
+    )
+
+
 def makeService(options: Options) -> IService:
     """Build the gateway service from parsed options (imports the reactor lazily)."""
     from twisted.internet import reactor
@@ -81,23 +112,10 @@ def makeService(options: Options) -> IService:
     from mailgate.service import build_service
 
     try:
-        config = with_overrides(
-            load_config(options["config"]),
-            state_dir=options["state-dir"],
-            listeners=options["listeners"],
-            tls_cert=options["tls-cert"],
-            tls_key=options["tls-key"],
-            allow_plaintext_from=options["allow-plaintext-from"],
-            hostname=options["hostname"],
-            default_domain=options["default-domain"],
-            xtnd_xmit=bool(options["xtnd-xmit"]),
-            smarthost=options["smarthost"],
-            smarthost_tls=options["smarthost-tls"],
-            smarthost_ca=options["smarthost-ca"],
-            smarthost_auth_file=options["smarthost-auth-file"],
-        )
-        service: Any = build_service(config, reactor)
+        config = config_from_options(options)
+        service: Any = build_service(config, reactor, worker_args=options.argv)
     except (ConfigError, MailgateError) as e:
         sys.stderr.write(f"mailgate: error: {e}\n")
         raise SystemExit(2) from None
+    service.install_signals = True
     return service  # type: ignore[no-any-return]

@@ -96,6 +96,8 @@ class QueueRunner(Service):
         self._scanning = False
         self._rescan_requested = False
         self._stopped = True
+        self._recovered = False
+        self._recovery_waiters: list[Deferred[None]] = []
 
     # -- service lifecycle -----------------------------------------------------------
 
@@ -110,7 +112,24 @@ class QueueRunner(Service):
                 _log.info("queue: {count} interrupted entries back in incoming/", count=count)
 
         d.addCallbacks(recovered, lambda f: _log.failure("queue: recovery failed", f))
-        d.addBoth(lambda _: self.scan())
+        d.addBoth(lambda _: self._recovery_done())
+
+    def _recovery_done(self) -> Deferred[None]:
+        waiters, self._recovery_waiters = self._recovery_waiters, []
+        self._recovered = True
+        for waiter in waiters:
+            waiter.callback(None)
+        return self.scan()
+
+    def when_recovered(self) -> Deferred[None]:
+        """Fires once start-up recovery (which empties tmp/) is over: other processes may
+        write spool entries only after it (the multi-process master waits on this)."""
+        d: Deferred[None] = Deferred()
+        if self._recovered:
+            d.callback(None)
+        else:
+            self._recovery_waiters.append(d)
+        return d
 
     def stopService(self) -> Deferred[None] | None:
         self._stopped = True

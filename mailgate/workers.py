@@ -1,0 +1,304 @@
+"""Several processes on one mail root: the master binds, children adopt the sockets.
+
+With ``workers = N > 1`` the twistd process (the master) binds every TCP listener itself
+(port 0 works: the kernel picks once, every process shares that socket), serves on them
+like a single-process server, runs the only queue runner, and spawns N-1 children with
+``reactor.spawnProcess``. Each child runs :func:`worker_main`: it inherits the listening
+sockets as file descriptors and adopts them (``reactor.adoptStreamPort``), so TLS wrapping
+happens in each process's own factory exactly as in one process. The kernel spreads new
+connections over every process accepting on the shared socket.
+
+Children die with the master: ``PR_SET_PDEATHSIG`` (SIGKILL) on Linux, and an EOF on the
+stdin pipe everywhere. A child writes ``QUEUED <id>`` on its stdout when it has spooled an
+outbound message so the master's runner tries it at once; its log goes to stderr and the
+master relays it into its own log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+#: First file descriptor number the listening sockets get in a child.
+FIRST_FD = 3
+#: Seconds a child that died on its own waits before it is started again.
+RESPAWN_DELAY = 1.0
+#: Extra seconds after the grace period before a child that ignored SIGTERM is killed.
+KILL_MARGIN = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class TcpAddress:
+    """Where a ``tcp:``/``tcp6:`` endpoint string listens."""
+
+    family: int
+    host: str
+    port: int
+    backlog: int
+
+
+def tcp_address(reactor: Any, endpoint: str) -> TcpAddress | None:
+    """Parse a server endpoint string; None when it is not plain TCP (e.g. ``unix:``).
+
+    Twisted's parser does the work; the values live in private attributes of the endpoint
+    objects, read defensively.
+    """
+    ep = serverFromString(reactor, endpoint)  # type: ignore[no-untyped-call]
+    if isinstance(ep, TCP6ServerEndpoint):
+        family = socket.AF_INET6
+    elif isinstance(ep, TCP4ServerEndpoint):
+        family = socket.AF_INET
+    else:
+        return None
+    host = getattr(ep, "_interface", "") or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    return TcpAddress(family, host, int(ep._port), int(getattr(ep, "_backlog", 50)))
+
+
+def bind_socket(address: TcpAddress) -> socket.socket:
+    """A non-blocking, inheritable listening socket (bound before the reactor runs)."""
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if address.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(address.backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL us when the master dies (Linux); exit if it already has."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+class _ChildProtocol(ProcessProtocol):
+    """One child: relays its log lines and its ``QUEUED`` notices, reports its end."""
+
+    def __init__(self, pool: WorkerPool, slot: int) -> None:
+        self.pool = pool
+        self.slot = slot
+        self.ended: Deferred[None] = Deferred()
+        self._out = b""
+        self._err = b""
+        self.pid: int | None = None
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        self.pid = getattr(transport, "pid", None)
+        log.info("worker {slot} started (pid {pid})", slot=self.slot, pid=self.pid)
+
+    def outReceived(self, data: bytes) -> None:
+        self._out += data
+        *lines, self._out = self._out.split(b"\n")
+        for line in lines:
+            verb, _, arg = line.partition(b" ")
+            if verb == b"QUEUED" and arg:
+                self.pool.on_queued(arg.decode("ascii", "replace"))
+
+    def errReceived(self, data: bytes) -> None:
+        self._err += data
+        *lines, self._err = self._err.split(b"\n")
+        for line in lines:
+            if line:
+                log.info(
+                    "[worker {pid}] {line}", pid=self.pid, line=line.decode("utf-8", "replace")
+                )
+
+    def processEnded(self, reason: Failure) -> None:
+        log.info(
+            "worker {slot} (pid {pid}) ended: {reason}",
+            slot=self.slot,
+            pid=self.pid,
+            reason=reason.getErrorMessage(),
+        )
+        self.pool._ended(self)
+        self.ended.callback(None)
+
+
+class WorkerPool(Service):
+    """Spawns and supervises the child workers of the master process.
+
+    ``command`` is the child's argv (``[python, -m, mailgate.workers, ...]``); ``fds`` are
+    the master's listening sockets, handed to each child as fds 3, 4, ...
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        command: Sequence[str],
+        fds: Sequence[int],
+        count: int,
+        grace: float,
+        on_queued: Callable[[str], None] = lambda _: None,
+        ready: Callable[[], Deferred[None]] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.command = list(command)
+        self.fds = list(fds)
+        self.count = count
+        self.grace = grace
+        self.on_queued = on_queued
+        self.ready = ready
+        self.children: dict[int, tuple[_ChildProtocol, IProcessTransport]] = {}
+        self._respawns: dict[int, IDelayedCall] = {}
+        self._stopping = False
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._stopping = False
+        if self.ready is None:
+            self._spawn_all()
+        else:
+            self.ready().addBoth(lambda _: self._spawn_all())
+
+    def _spawn_all(self) -> None:
+        for slot in range(self.count):
+            if slot not in self.children:
+                self._spawn(slot)
+
+    def _spawn(self, slot: int) -> None:
+        self._respawns.pop(slot, None)
+        if self._stopping:
+            return
+        proto = _ChildProtocol(self, slot)
+        child_fds: dict[int, object] = {0: "w", 1: "r", 2: "r"}
+        for i, fd in enumerate(self.fds):
+            child_fds[FIRST_FD + i] = fd
+        env = dict(os.environ)
+        env["MAILGATE_MASTER_PID"] = str(os.getpid())
+        transport = self.reactor.spawnProcess(
+            proto,
+            self.command[0],
+            self.command,
+            env=env,
+            path=os.getcwd(),
+            childFDs=child_fds,
+        )
+        self.children[slot] = (proto, transport)
+
+    def _ended(self, proto: _ChildProtocol) -> None:
+        current = self.children.get(proto.slot)
+        if current is not None and current[0] is proto:
+            del self.children[proto.slot]
+        if not self._stopping and self.running:
+            log.warn("worker {slot} died: starting it again", slot=proto.slot)
+            self._respawns[proto.slot] = self.reactor.callLater(
+                RESPAWN_DELAY, self._spawn, proto.slot
+            )
+
+    def signal_all(self, signame: str) -> None:
+        for _, transport in list(self.children.values()):
+            with contextlib.suppress(ProcessExitedAlready, OSError):
+                transport.signalProcess(signame)
+
+    def reload(self) -> None:
+        """Pass SIGHUP on: each child reloads its certificate and user database."""
+        self.signal_all("HUP")
+
+    def stopService(self) -> Deferred[Any]:
+        """SIGTERM every child (each drains its sessions), SIGKILL those still there later."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        self._stopping = True
+        for call in self._respawns.values():
+            if call.active():
+                call.cancel()
+        self._respawns.clear()
+        ended = [proto.ended for proto, _ in self.children.values()]
+        self.signal_all("TERM")
+        killer = self.reactor.callLater(self.grace + KILL_MARGIN, self.signal_all, "KILL")
+        d: Deferred[Any] = DeferredList(ended)
+
+        def done(result: object) -> object:
+            if killer.active():
+                killer.cancel()
+            return result
+
+        return d.addBoth(done)
+
+
+# -- the child side ----------------------------------------------------------------------
+
+
+def worker_command(mailgate_args: Sequence[str], count: int) -> list[str]:
+    """The argv a child runs: this module, how many inherited sockets, the server options."""
+    return [sys.executable, "-m", "mailgate.workers", str(count), *mailgate_args]
+
+
+def worker_main(argv: Sequence[str]) -> int:
+    """Child entry point: adopt fds 3.. as the TCP listeners and serve until told to stop."""
+    from twisted.internet import reactor as _reactor
+    from twisted.internet import stdio
+    from twisted.internet.protocol import Protocol
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from mailgate.errors import ConfigError, MailgateError
+    from mailgate.service import build_service
+    from mailgate.tap import Options, config_from_options
+
+    reactor: Any = _reactor
+    master = int(os.environ.get("MAILGATE_MASTER_PID", "0"))
+    if master:
+        die_with_parent(master)
+    count = int(argv[0])
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    options = Options()
+    try:
+        options.parseOptions(list(argv[1:]))
+        config = config_from_options(options)
+        fds = list(range(FIRST_FD, FIRST_FD + count))
+        service = build_service(config, reactor, inherited_fds=fds)
+    except (ConfigError, MailgateError) as e:
+        sys.stderr.write(f"mailgate worker: error: {e}\n")
+        return 2
+
+    class _Master(Protocol):
+        """stdin/stdout to the master: EOF means the master is gone."""
+
+        def connectionLost(self, reason: Failure | None = None) -> None:
+            if reactor.running:
+                reactor.stop()
+
+    master_link = _Master()
+    stdio.StandardIO(master_link, reactor=reactor)  # type: ignore[no-untyped-call]
+
+    def queued(queue_id: str) -> None:
+        if master_link.transport is not None:
+            master_link.transport.write(f"QUEUED {queue_id}\n".encode("ascii"))
+
+    service.on_queued = queued
+    service.install_signals = True
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))
