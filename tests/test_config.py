@@ -106,7 +106,7 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_command_line_overrides() -> None:
     o = Options()
-    o.parseOptions(  # type: ignore[no-untyped-call]
+    o.parseOptions(
         [
             "--state-dir",
             "/tmp/x",
@@ -187,7 +187,7 @@ def test_command_line_xtnd_and_smarthost(tmp_path: Path) -> None:
     auth = tmp_path / "auth"
     auth.write_text("relayuser:relay pass\n")
     o = Options()
-    o.parseOptions(  # type: ignore[no-untyped-call]
+    o.parseOptions(
         [
             "--xtnd-xmit",
             "--smarthost",
