@@ -5,6 +5,8 @@
     mailgate [--state-dir DIR] user del ADDRESS
     mailgate [--state-dir DIR] user list
     mailgate [--state-dir DIR] user import [--domain DOMAIN] FILE
+    mailgate [--state-dir DIR] transcripts list | show ID
+    mailgate probe URL [--user U] [--password P] [--insecure | --cafile F]
 
 The password comes from stdin when it is not a terminal (one line, so scripts can pipe it)
 and from two getpass prompts when it is. New passwords are ARGON2ID unless ``--scheme``
@@ -29,6 +31,7 @@ from typing import IO, NoReturn
 from mailgate.auth.passwords import DEFAULT_SCHEME, HASH_SCHEMES, hash_password
 from mailgate.auth.userdb import UserFile, read_passwd_file
 from mailgate.errors import AddressError, UserDatabaseError
+from mailgate.lab.cli import probe_command, transcripts_command
 from mailgate.model import Address, parse_account
 from mailgate.queue.cli import queue_command
 
@@ -104,6 +107,16 @@ def _build_parser() -> _Parser:
         help="inspect and steer the outbound queue: list|show|hold|release|retry|delete|flush",
     )
     queue.add_argument("queue_args", nargs=argparse.REMAINDER, metavar="ACTION [ID]")
+    transcripts = groups.add_parser(
+        "transcripts", help="recorded wire transcripts of lab listeners: list | show ID"
+    )
+    transcripts.add_argument("transcript_args", nargs=argparse.REMAINDER, metavar="ACTION [ID]")
+    probe = groups.add_parser(
+        "probe",
+        help="read-only conformance checks against a POP3/SMTP server (see probe --help)",
+        add_help=False,
+    )
+    probe.add_argument("probe_args", nargs=argparse.REMAINDER, metavar="URL [OPTIONS]")
     return parser
 
 
@@ -221,6 +234,8 @@ def main(
     stdin = stdin if stdin is not None else sys.stdin
     stdout = stdout if stdout is not None else sys.stdout
     stderr = stderr if stderr is not None else sys.stderr
+    if argv[:1] == ["probe"]:  # its own parser: options may come before the URL
+        return probe_command(argv[1:], stdout, stderr, os.environ)
     try:
         args = _build_parser().parse_args(argv)
     except _ParserExit as e:
@@ -228,6 +243,10 @@ def main(
         return e.status
     if args.group == "queue":
         return queue_command(Path(args.state_dir), args.queue_args, stdout, stderr)
+    if args.group == "transcripts":
+        return transcripts_command(Path(args.state_dir), args.transcript_args, stdout, stderr)
+    if args.group == "probe":
+        return probe_command(args.probe_args, stdout, stderr, os.environ)
     commands = _Commands(args.state_dir, stdin, stdout, getpass_fn or getpass.getpass)
     try:
         if args.action == "list":
