@@ -358,9 +358,16 @@ class ListAndShow(unittest.TestCase):
         out, err = io.StringIO(), io.StringIO()
         empty = Path(self.mktemp())
         assert transcripts_command(empty, ["list"], out, err) == 0
-        assert (
-            out.getvalue().split() == "ID LISTENER PEER START (UTC) DURATION BYTES IN/OUT".split()
-        )
+        assert out.getvalue().split() == [
+            "ID",
+            "LISTENER",
+            "PEER",
+            "START",
+            "(UTC)",
+            "DURATION",
+            "BYTES",
+            "IN/OUT",
+        ]
         summaries = list_transcripts(self.state / "transcripts")
         assert find_transcript(self.state / "transcripts", summaries[0].id) == summaries[0].path
 
