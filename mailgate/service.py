@@ -75,10 +75,16 @@ class ReloadableContext:
 class SessionTracker(ServerFactory):
     """Wraps a factory to know its open sessions, so shutdown can wait for them to end."""
 
+    noisy = False
+
     def __init__(self, wrapped: IProtocolFactory) -> None:
         self.wrapped = wrapped
         self.sessions: set[IProtocol] = set()
         self._idle: list[Deferred[None]] = []
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.wrapped, "logPrefix", None)
+        return str(prefix()) if callable(prefix) else type(self.wrapped).__name__
 
     def startFactory(self) -> None:
         self.wrapped.doStart()

@@ -256,7 +256,7 @@ def worker_main(argv: Sequence[str]) -> int:
     from twisted.internet import reactor as _reactor
     from twisted.internet import stdio
     from twisted.internet.protocol import Protocol
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
 
     from mailgate.errors import ConfigError, MailgateError
     from mailgate.service import build_service
@@ -267,7 +267,14 @@ def worker_main(argv: Sequence[str]) -> int:
     if master:
         die_with_parent(master)
     count = int(argv[0])
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    # No timestamp: the master's log adds its own when it relays the line.
+    globalLogBeginner.beginLoggingTo(
+        [
+            FileLogObserver(
+                sys.stderr, lambda e: f"[{e.get('log_namespace', '-')}] {formatEvent(e)}\n"
+            )
+        ]
+    )
     options = Options()
     try:
         options.parseOptions(list(argv[1:]))
