@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import IO, Any, Protocol, TypeVar
 
+from twisted.cred.credentials import ICredentials
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
@@ -114,3 +115,40 @@ class IRelay(Interface):
         sender: Address | None, recipients: Sequence[Address], open_message: Callable[[], IO[bytes]]
     ) -> Deferred[Sequence[Any]]:
         """Try every recipient; fire with one result per recipient (delivered/temp/perm)."""
+
+
+class IDigestResponse(ICredentials):
+    """A challenge-response login (APOP, CRAM-MD5): the password never crosses the wire.
+
+    The checker recomputes the digest from the stored plaintext-equivalent secret; accounts
+    whose scheme keeps only a one-way hash fail like a wrong password.
+    """
+
+    username = Attribute("bytes: the login name as the client sent it")
+    challenge = Attribute("bytes: what the server sent (APOP timestamp, CRAM-MD5 challenge)")
+    response = Attribute("bytes: the client's hex digest, as sent")
+    kind = Attribute('str: "APOP" or "CRAM-MD5"')
+
+
+class IAuthThrottle(Interface):
+    """The brute-force brake shared by every protocol that checks passwords (Dovecot's anvil).
+
+    Per client address: each failed login makes the next failure reply wait longer, growing
+    to a cap; a repeat of the very same wrong credentials does not escalate; a success clears
+    it. Protocols call ``failed`` then delay their failure reply by ``delay_for``.
+    """
+
+    def fingerprint(secret: bytes) -> bytes:
+        """A keyed, per-process digest of a presented secret; never the secret itself."""
+
+    def delay_for(peer_ip: str) -> float:
+        """Seconds the failure reply to this client must wait now (0 for none)."""
+
+    def failed(peer_ip: str, login: str, secret_fingerprint: bytes) -> None:
+        """Count one failed login from ``peer_ip`` (no escalation for a repeated attempt)."""
+
+    def succeeded(peer_ip: str) -> None:
+        """A login from ``peer_ip`` succeeded: forget its failures."""
+
+    def log_failure(protocol: str, peer_ip: str, login: str, reason: str) -> None:
+        """Log one failed login in the single fail2ban-friendly line format."""
