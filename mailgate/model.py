@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from mailgate.errors import AddressError
@@ -63,10 +64,18 @@ class Address:
         return Address(self.local.lower() if fold_local_case else self.local, self.domain)
 
 
-def parse_account(login: str, default_domain: str, fold_local_case: bool = True) -> Address:
+def parse_account(
+    login: str,
+    default_domain: str,
+    fold_local_case: bool = True,
+    known_domains: Collection[str] = (),
+) -> Address:
     """Turn a login name into an account address, refusing anything path-unsafe.
 
-    ``user`` gets the default domain; ``user@domain`` keeps its own.
+    The SDPS forms (checklist 0.3) all reach the same account: ``user@domain`` splits at the
+    last ``@``; ``user+domain`` splits at the last ``+`` only when ``domain`` is one of
+    ``known_domains`` (otherwise ``+`` stays part of the local part); a bare ``user`` gets
+    the default domain. Domains compare case-insensitively.
     """
     if not login or len(login) > 255:
         raise AddressError("login length")
@@ -74,6 +83,9 @@ def parse_account(login: str, default_domain: str, fold_local_case: bool = True)
         local, _, domain = login.rpartition("@")
     else:
         local, domain = login, default_domain
+        head, plus, tail = login.rpartition("+")
+        if plus and head and tail.lower() in {d.lower() for d in known_domains}:
+            local, domain = head, tail
     if not _ACCOUNT_LOCAL.match(local) or len(local) > 64:
         raise AddressError("login local part")
     if not _DOMAIN.match(domain):
@@ -91,6 +103,8 @@ class MessageInfo:
     uid: str
     size: int
     key: str = field(compare=False, default="")
+    #: Delivery time (Unix seconds) when the store knows it; RFC 2449 EXPIRE counts from it.
+    delivered: float | None = field(compare=False, default=None)
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,11 @@ class MemoryUserDatabase:
 class MemoryMessage:
     """A stored message with the UID it was given at delivery."""
 
-    def __init__(self, uid: str, data: bytes) -> None:
+    def __init__(self, uid: str, data: bytes, delivered: float | None = None) -> None:
         self.uid = uid
         self.data = data
+        #: Delivery time (Unix seconds); None when unknown (EXPIRE then keeps the message).
+        self.delivered = delivered
 
 
 @implementer(IMaildrop)
@@ -61,7 +63,7 @@ class MemoryMaildrop:
         self._address = address
         self._snapshot = list(store.mailboxes.get(address, []))
         self.messages: Sequence[MessageInfo] = [
-            MessageInfo(m.uid, len(encode_all([m.data], stuff=False)), m.uid)
+            MessageInfo(m.uid, len(encode_all([m.data], stuff=False)), m.uid, m.delivered)
             for m in self._snapshot
         ]
         self.released = False
@@ -123,10 +125,10 @@ class MemoryMailStore:
         self.fail_deliveries = False
         self._uids = itertools.count(1)
 
-    def deliver(self, address: Address, data: bytes) -> str:
+    def deliver(self, address: Address, data: bytes, delivered: float | None = None) -> str:
         """Put a message straight into a mailbox (test setup); returns its UID."""
         uid = f"uid{next(self._uids):06d}"
-        self.mailboxes.setdefault(address, []).append(MemoryMessage(uid, data))
+        self.mailboxes.setdefault(address, []).append(MemoryMessage(uid, data, delivered))
         return uid
 
     def open_maildrop(self, address: Address) -> Deferred[IMaildrop]:

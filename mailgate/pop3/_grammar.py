@@ -45,20 +45,42 @@ class Command:
         return [a for a in self.rest.split(b" ") if a]
 
 
-def parse_command(line: bytes) -> Command:
+class Parsing(Enum):
+    """How forgiving the command parser is (a listener's capability profile picks one).
+
+    NORMAL is mailgate's own behaviour: runs of SP between words and trailing SP are fine,
+    lines end with CRLF only. STRICT emulates a picky server: exactly one SP between words,
+    nothing trailing. LENIENT emulates an old forgiving one: leading SP is ignored too, and a
+    bare LF ends a line like CRLF.
+    """
+
+    STRICT = "strict"
+    NORMAL = "normal"
+    LENIENT = "lenient"
+
+
+def parse_command(line: bytes, parsing: Parsing = Parsing.NORMAL) -> Command:
     """Split a command line (without its CRLF) into verb and argument text.
 
     Bare CR, bare LF and NUL are refused anywhere in the line: a lone CR or LF would let a
     client smuggle a second command past a proxy, and NUL has no business in POP3.
     """
+    if parsing is Parsing.LENIENT:
+        line = line.lstrip(b" ")
     if not line:
         raise Pop3SyntaxError("Empty command")
     if b"\r" in line or b"\n" in line or b"\0" in line:
         raise Pop3SyntaxError("Invalid character in command line")
-    verb, _, rest = line.partition(b" ")
+    verb, sep, rest = line.partition(b" ")
     if not verb or len(verb) > 16 or any(c < 0x21 or c > 0x7E for c in verb):
         raise Pop3SyntaxError("Unknown command")
-    return Command(verb.decode("ascii").upper(), rest)
+    upper = verb.decode("ascii").upper()
+    if parsing is Parsing.STRICT and sep:
+        # PASS keeps its argument verbatim (spaces may be part of the password).
+        spaced = upper != "PASS" and (rest.startswith(b" ") or rest.endswith(b" ") or b"  " in rest)
+        if not rest or spaced:
+            raise Pop3SyntaxError("Invalid command syntax")
+    return Command(upper, rest)
 
 
 def parse_message_number(arg: bytes, count: int) -> int:
@@ -112,6 +134,7 @@ class ResponseCode(Enum):
 
     AUTH = "AUTH"
     IN_USE = "IN-USE"
+    LOGIN_DELAY = "LOGIN-DELAY"
     SYS_TEMP = "SYS/TEMP"
     SYS_PERM = "SYS/PERM"
 
@@ -147,20 +170,40 @@ def capabilities(
     stls: bool,
     implementation: str | None,
     xtnd_xmit: bool = False,
+    top: bool = True,
+    uidl: bool = True,
+    user: bool = True,
+    resp_codes: bool = True,
+    pipelining: bool = True,
+    login_delay: int | None = None,
+    expire: int | str | None = None,
 ) -> list[bytes]:
     """The CAPA tags for one session (RFC 2449, 2595, 3206, 5034).
 
     ``mechanisms`` are those usable right now; ``implementation`` is shown only after login
     (the caller passes None before), so an anonymous prober learns nothing of the software.
     ``xtnd_xmit`` adds the experimental ``XTND XMIT`` tag (off unless configured, like
-    qpopper, which never listed it).
+    qpopper, which never listed it). ``top``/``uidl``/``user``/``resp_codes``/``pipelining``
+    come from the listener's capability profile; ``login_delay`` (seconds) and ``expire``
+    (days or ``"NEVER"``) are listed only when configured.
     """
-    tags = [b"TOP", b"UIDL"]
-    if plaintext_ok:
+    tags = []
+    if top:
+        tags.append(b"TOP")
+    if uidl:
+        tags.append(b"UIDL")
+    if plaintext_ok and user:
         tags.append(b"USER")
     if mechanisms:
         tags.append(("SASL " + " ".join(mechanisms)).encode("ascii"))
-    tags += [b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
+    if resp_codes:
+        tags += [b"RESP-CODES", b"AUTH-RESP-CODE"]
+    if pipelining:
+        tags.append(b"PIPELINING")
+    if login_delay is not None:
+        tags.append(f"LOGIN-DELAY {int(login_delay)}".encode("ascii"))
+    if expire is not None:
+        tags.append(f"EXPIRE {expire if isinstance(expire, int) else 'NEVER'}".encode("ascii"))
     if stls:
         tags.append(b"STLS")
     if implementation:
@@ -231,9 +274,11 @@ class LineFramer:
     stay inside a line for the parser to refuse.
     """
 
-    def __init__(self, limit: int = MAX_AUTH_LINE) -> None:
+    def __init__(self, limit: int = MAX_AUTH_LINE, bare_lf: bool = False) -> None:
         #: Longest acceptable line, CRLF included.
         self.limit = limit
+        #: A bare LF ends a line too (lenient parsing); a CR before it is dropped.
+        self.bare_lf = bare_lf
         self._buffer = bytearray()
         self._discarding = False
 
@@ -260,22 +305,28 @@ class LineFramer:
     def next_line(self) -> bytes | _TooLong | None:
         """The next complete line without its CRLF, TOO_LONG, or None if more data is needed."""
         buf = self._buffer
-        end = buf.find(CRLF)
+        if self.bare_lf:
+            lf = buf.find(b"\n")
+            # end: where the line's content stops; after: where the next line starts.
+            end, after = (lf - 1, lf + 1) if lf > 0 and buf[lf - 1] == 0x0D else (lf, lf + 1)
+        else:
+            end = buf.find(CRLF)
+            after = end + 2
         if self._discarding:
             if end < 0:
                 # Keep a trailing CR: it may be the first half of the CRLF we wait for.
                 keep = 1 if buf.endswith(b"\r") else 0
                 del buf[: len(buf) - keep]
                 return None
-            del buf[: end + 2]
+            del buf[:after]
             self._discarding = False
             return TOO_LONG
         if end >= 0:
             if end + 2 > self.limit:
-                del buf[: end + 2]
+                del buf[:after]
                 return TOO_LONG
             line = bytes(buf[:end])
-            del buf[: end + 2]
+            del buf[:after]
             return line
         content = len(buf) - (1 if buf.endswith(b"\r") else 0)
         if content > self.limit - 2:

@@ -7,11 +7,11 @@ only through the cred portal, and the mailbox is an opaque :class:`IMaildrop` av
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import IO, Any, cast
 
-from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
 from twisted.cred.portal import Portal
 from twisted.internet.defer import maybeDeferred
@@ -41,6 +41,7 @@ from mailgate.pop3._grammar import (
     MAX_COMMAND_LINE,
     Command,
     LineFramer,
+    Parsing,
     Pop3SyntaxError,
     ResponseCode,
     TopLimiter,
@@ -70,6 +71,76 @@ MAX_BACKLOG = 65536
 
 def _never(host: str) -> bool:
     return False
+
+
+def _nobody() -> bool:
+    return False
+
+
+#: Seconds in a day, for EXPIRE.
+DAY = 86400
+
+
+@dataclass(frozen=True)
+class Pop3Profile:
+    """What one listener offers, so a lab can emulate an old or a picky server.
+
+    A disabled command answers exactly like an unknown one and is not listed in CAPA. The
+    defaults are mailgate's normal behaviour. ``apop`` and ``CRAM-MD5`` in ``sasl`` are
+    further subject to some account having a plaintext-equivalent secret.
+    """
+
+    stls: bool = True
+    apop: bool = True
+    #: SASL mechanisms that may be offered (those unknown to mailgate.sasl are refused).
+    sasl: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5")
+    user: bool = True
+    top: bool = True
+    uidl: bool = True
+    pipelining: bool = True
+    #: The XTND family (each subcommand is still switched by its own setting).
+    xtnd: bool = True
+    #: RFC 2449 response codes: off means no RESP-CODES/AUTH-RESP-CODE tags and no
+    #: ``[CODE]`` in any reply.
+    resp_codes: bool = True
+    #: "normal", "strict" or "lenient" (see :class:`mailgate.pop3._grammar.Parsing`).
+    parsing: str = "normal"
+
+    def __post_init__(self) -> None:
+        Parsing(self.parsing)  # ValueError on an unknown mode
+        unknown = [m for m in self.sasl if m.upper() not in sasl.MECHANISMS]
+        if unknown:
+            raise ValueError(f"unknown SASL mechanism {unknown[0]!r}")
+
+    @property
+    def parsing_mode(self) -> Parsing:
+        return Parsing(self.parsing)
+
+    def offers_mechanism(self, name: str) -> bool:
+        return name.upper() in {m.upper() for m in self.sasl}
+
+
+class LoginTimes:
+    """When each account last logged in successfully, for LOGIN-DELAY (RFC 2449 6.8).
+
+    Kept in memory, so it is per process: with several worker processes a client can log
+    in once per process within the delay. Entries older than the longest delay asked for
+    are pruned as logins come in, so memory stays bounded by the active accounts.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._last: dict[str, float] = {}
+
+    def too_soon(self, account: str, delay: float) -> bool:
+        last = self._last.get(account)
+        return last is not None and self._clock.seconds() - last < delay
+
+    def record(self, account: str, delay: float) -> None:
+        now = self._clock.seconds()
+        if len(self._last) > 1024:
+            self._last = {a: t for a, t in self._last.items() if now - t < delay}
+        self._last[account] = now
 
 
 @dataclass(frozen=True)
@@ -108,9 +179,33 @@ class Pop3Settings:
     enforce_from: bool = False
     max_header_lines: int = MAX_HEADER_LINES
     max_header_bytes: int = MAX_HEADER_BYTES
+    #: What this listener offers (STLS, APOP, SASL mechanisms, TOP, UIDL, parsing...).
+    profile: Pop3Profile = field(default_factory=Pop3Profile)
+    #: Asked once per connection: may APOP succeed for some account (a clear secret is
+    #: stored)? Only then does the greeting carry a timestamp. E.g.
+    #: ``lambda: users.any_hash(passwords.supports_apop)``.
+    apop_available: Callable[[], bool] = _nobody
+    #: Likewise for CRAM-MD5 (``users.any_hash(passwords.supports_cram_md5)``).
+    cram_md5_available: Callable[[], bool] = _nobody
+    #: (hostname, now) -> a fresh ``<random.time@host>`` APOP timestamp / CRAM-MD5 challenge.
+    challenge: Callable[[str, float], bytes] = sasl.make_challenge
+    #: RFC 2449 LOGIN-DELAY in seconds: advertised and enforced; None = neither.
+    login_delay: int | None = None
+    #: RFC 2449 EXPIRE: days after which messages are deleted at QUIT (0: retrieved ones),
+    #: or "NEVER" (advertised only); None advertises nothing and deletes nothing.
+    expire: int | str | None = None
+    #: SDPS ``*ENV n`` in TRANSACTION (fetchmail/getmail read the envelope from it).
+    sdps_env: bool = False
 
     def __post_init__(self) -> None:
         self.xmit_policy()  # ValueError now, at wiring time, on a bad XMIT policy
+        if self.login_delay is not None and self.login_delay < 0:
+            raise ValueError("login_delay must not be negative")
+        if isinstance(self.expire, str):
+            if self.expire != "NEVER":
+                raise ValueError("expire must be a number of days or NEVER")
+        elif self.expire is not None and self.expire < 0:
+            raise ValueError("expire must not be negative")
 
     def xmit_policy(self) -> XmitPolicy:
         """The XMIT limits of this listener (validated when the policy is built)."""
@@ -223,12 +318,25 @@ class Pop3Server(Protocol, TimeoutMixin):
     byte pipelined after STLS.
     """
 
-    def __init__(self, portal: Portal, settings: Pop3Settings, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        portal: Portal,
+        settings: Pop3Settings,
+        clock: IReactorTime,
+        login_times: LoginTimes | None = None,
+    ) -> None:
         self.portal = portal
         self.settings = settings
         self._clock = clock
+        self._profile = settings.profile
+        self._parsing = settings.profile.parsing_mode
+        self._login_times = login_times if login_times is not None else LoginTimes(clock)
+        #: The greeting's APOP timestamp; None when APOP is not offered on this connection.
+        self._apop_timestamp: bytes | None = None
+        self._cram_md5 = False
+        self._retrieved: set[int] = set()
         self.state = State.AUTHORIZATION
-        self._framer = LineFramer(MAX_AUTH_LINE)
+        self._framer = LineFramer(MAX_AUTH_LINE, bare_lf=self._parsing is Parsing.LENIENT)
         self._busy = False  # a login, a stream or the UPDATE commit is in progress
         self._processing = False  # _process is on the stack (guards re-entrance)
         self._reading_paused = False
@@ -285,7 +393,24 @@ class Pop3Server(Protocol, TimeoutMixin):
         self._plaintext_here = bool(self.settings.allow_plaintext(str(host)))
         self._set_timeout(self.settings.timeout)
         log.debug("POP3 connection from {peer}", peer=self._peer)
-        self._send(ok(f"{self.settings.hostname} POP3 server ready"))
+        s = self.settings
+        greeting = f"{s.hostname} POP3 server ready"
+        try:
+            # Evaluated per connection, so a user-file change takes effect at once.
+            if self._profile.apop and s.apop_available():
+                self._apop_timestamp = s.challenge(s.hostname, self._clock.seconds())
+                greeting += " " + self._apop_timestamp.decode("ascii")
+                if len(greeting) > 500:  # the status line limit would cut the timestamp
+                    self._apop_timestamp = None
+                    greeting = f"{s.hostname} POP3 server ready"
+            self._cram_md5 = self._profile.offers_mechanism(sasl.CRAM_MD5) and bool(
+                s.cram_md5_available()
+            )
+        except Exception:
+            log.failure("POP3 could not decide on APOP/CRAM-MD5; not offering them")
+            self._apop_timestamp = None
+            self._cram_md5 = False
+        self._send(ok(greeting))
 
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.CLOSED:
@@ -373,15 +498,16 @@ class Pop3Server(Protocol, TimeoutMixin):
             self._send(err("Command line too long"))
             return
         try:
-            command = parse_command(item)
+            command = parse_command(item, self._parsing)
         except Pop3SyntaxError as e:
             self._send(err(e.reply))
             return
         handler = _HANDLERS.get((self.state, command.verb))
         if command.verb != "PASS":
             self._user = None  # PASS must come immediately after USER
-        if handler is None:
-            if command.verb in _KNOWN_VERBS:
+        disabled = not self._verb_enabled(command.verb)
+        if handler is None or disabled:
+            if command.verb in _KNOWN_VERBS and not disabled:
                 self._send(err("Command not valid in this state"))
             else:
                 self._send(err(f"Unknown command: {echo(command.verb.encode('ascii'))}"))
@@ -392,16 +518,47 @@ class Pop3Server(Protocol, TimeoutMixin):
             self._send(err(e.reply))
         except Exception:
             log.failure("POP3 handler for {verb} failed", verb=command.verb)
-            self._send(err("Internal server error", ResponseCode.SYS_TEMP))
+            self._send(self._err("Internal server error", ResponseCode.SYS_TEMP))
+
+    def _err(self, text: str, code: ResponseCode | None = None) -> bytes:
+        """A ``-ERR`` line, with its response code only when the profile offers RESP-CODES."""
+        return err(text, code if self._profile.resp_codes else None)
+
+    def _verb_enabled(self, verb: str) -> bool:
+        """Whether this listener's profile (and this connection) offers the command at all."""
+        p = self._profile
+        if verb in ("USER", "PASS"):
+            return p.user
+        if verb == "TOP":
+            return p.top
+        if verb == "UIDL":
+            return p.uidl
+        if verb == "STLS":
+            return p.stls
+        if verb == "XTND":
+            return p.xtnd
+        if verb == "APOP":
+            return self._apop_timestamp is not None
+        if verb == "AUTH":
+            return any(p.offers_mechanism(name) for name in sasl.MECHANISMS)
+        if verb == "*ENV":
+            return self.settings.sdps_env
+        return True
 
     # -- AUTHORIZATION --------------------------------------------------------------------
 
     def _plaintext_ok(self) -> bool:
         return self._tls or self._plaintext_here
 
+    def _mechanism_usable(self, name: str, cls: type[sasl.Mechanism]) -> bool:
+        if not self._profile.offers_mechanism(name):
+            return False
+        if name == sasl.CRAM_MD5 and not self._cram_md5:
+            return False
+        return self._plaintext_ok() or not cls.plaintext
+
     def _mechanisms(self) -> list[str]:
-        plain = self._plaintext_ok()
-        return [name for name, cls in sasl.MECHANISMS.items() if plain or not cls.plaintext]
+        return [name for name, cls in sasl.MECHANISMS.items() if self._mechanism_usable(name, cls)]
 
     def _stls_available(self) -> bool:
         return (
@@ -414,15 +571,25 @@ class Pop3Server(Protocol, TimeoutMixin):
     def _do_capa(self, command: Command) -> None:
         if command.args():
             raise Pop3SyntaxError("CAPA takes no argument")
+        p = self._profile
+        s = self.settings
         tags = capabilities(
             plaintext_ok=self._plaintext_ok(),
             mechanisms=self._mechanisms(),
-            stls=self._stls_available(),
+            stls=self._stls_available() and p.stls,
+            top=p.top,
+            uidl=p.uidl,
+            user=p.user,
+            resp_codes=p.resp_codes,
+            pipelining=p.pipelining,
+            login_delay=s.login_delay,
+            expire=s.expire,
             implementation=(
                 self.settings.implementation if self.state is State.TRANSACTION else None
             ),
             xtnd_xmit=(
                 self.state is State.TRANSACTION
+                and p.xtnd
                 and self.settings.xtnd_xmit
                 and self.settings.xtnd_advertise
             ),
@@ -431,7 +598,7 @@ class Pop3Server(Protocol, TimeoutMixin):
 
     def _do_user(self, command: Command) -> None:
         if not self._plaintext_ok():
-            self._send(err(PLAINTEXT_DISALLOWED, ResponseCode.AUTH))
+            self._send(self._err(PLAINTEXT_DISALLOWED, ResponseCode.AUTH))
             return
         args = command.args()
         if len(args) != 1:
@@ -442,7 +609,7 @@ class Pop3Server(Protocol, TimeoutMixin):
     def _do_pass(self, command: Command) -> None:
         user, self._user = self._user, None
         if not self._plaintext_ok():
-            self._send(err(PLAINTEXT_DISALLOWED, ResponseCode.AUTH))
+            self._send(self._err(PLAINTEXT_DISALLOWED, ResponseCode.AUTH))
             return
         if user is None:
             raise Pop3SyntaxError("USER first")
@@ -458,12 +625,22 @@ class Pop3Server(Protocol, TimeoutMixin):
             return
         if len(args) > 2:
             raise Pop3SyntaxError("AUTH takes a mechanism and an optional initial response")
-        mechanism = sasl.mechanism(args[0].decode("ascii", "replace"))
-        if mechanism is None:
+        name = args[0].decode("ascii", "replace").upper()
+        cls = sasl.MECHANISMS.get(name)
+        if (
+            cls is None
+            or not self._profile.offers_mechanism(name)
+            or (name == sasl.CRAM_MD5 and not self._cram_md5)
+        ):
             raise Pop3SyntaxError("Unrecognized authentication type")
-        if mechanism.plaintext and not self._plaintext_ok():
-            self._send(err(PLAINTEXT_DISALLOWED, ResponseCode.AUTH))
+        if cls.plaintext and not self._plaintext_ok():
+            self._send(self._err(PLAINTEXT_DISALLOWED, ResponseCode.AUTH))
             return
+        if cls.server_first and len(args) == 2:
+            raise Pop3SyntaxError(f"{name} does not take an initial response")
+        s = self.settings
+        mechanism = sasl.mechanism(name, challenge=s.challenge(s.hostname, self._clock.seconds()))
+        assert mechanism is not None
         initial: bytes | None = None
         if len(args) == 2:
             try:
@@ -492,7 +669,7 @@ class Pop3Server(Protocol, TimeoutMixin):
     def _sasl_step(
         self,
         mechanism: sasl.Mechanism,
-        step: Callable[[], sasl.Challenge | IUsernamePassword],
+        step: Callable[[], sasl.Challenge | sasl.Credentials],
     ) -> None:
         try:
             result = step()
@@ -540,7 +717,22 @@ class Pop3Server(Protocol, TimeoutMixin):
 
     # -- login through the portal ---------------------------------------------------------
 
-    def _login(self, credentials: IUsernamePassword) -> None:
+    def _do_apop(self, command: Command) -> None:
+        """RFC 1939 APOP: MD5 over the greeting's timestamp and the secret; no TLS needed."""
+        timestamp = self._apop_timestamp
+        assert timestamp is not None  # otherwise the verb is disabled
+        args = command.args()
+        if len(args) != 2:
+            raise Pop3SyntaxError("APOP takes a name and a digest")
+        try:
+            name, digest = sasl.parse_digest_answer(args[0] + b" " + args[1])
+        except sasl.SaslError:
+            log.warn("POP3 malformed APOP from {peer}", peer=self._peer)
+            self._credential_failure()
+            return
+        self._login(sasl.DigestResponse(name, timestamp, digest, sasl.APOP))
+
+    def _login(self, credentials: sasl.Credentials) -> None:
         name = credentials.username.decode("utf-8", "replace")
         self._busy = True
         d = self.portal.login(credentials, None, IMaildrop)
@@ -554,11 +746,28 @@ class Pop3Server(Protocol, TimeoutMixin):
         if self.state is State.CLOSED:
             logout()  # the client left while we were logging it in
             return
+        delay = self.settings.login_delay
+        account = str(getattr(avatar, "account", name))
+        if delay is not None:
+            if self._login_times.too_soon(account, delay):
+                logout()
+                self._busy = False
+                log.info("POP3 login of {login!r} refused: LOGIN-DELAY", login=name)
+                self._send(
+                    self._err(
+                        f"Minimum time between logins is {delay} seconds",
+                        ResponseCode.LOGIN_DELAY,
+                    )
+                )
+                self._process()
+                return
+            self._login_times.record(account, delay)
         self._maildrop = cast(IMaildrop, avatar)
         self._logout = logout
         self._login_name = name
         self._messages = list(self._maildrop.messages)
         self._deleted = set()
+        self._retrieved = set()
         self.state = State.TRANSACTION
         self._busy = False
         log.info("POP3 login {login!r} from {peer}", login=name, peer=self._peer)
@@ -575,19 +784,19 @@ class Pop3Server(Protocol, TimeoutMixin):
             self._credential_failure()
         elif isinstance(failure.value, MaildropInUse):
             log.info("POP3 maildrop of {login!r} in use", login=name)
-            self._send(err("Maildrop already locked by another session", ResponseCode.IN_USE))
+            self._send(self._err("Maildrop already locked by another session", ResponseCode.IN_USE))
         elif isinstance(failure.value, MaildropUnavailable):
             log.failure("POP3 maildrop of {login!r} unavailable", failure, login=name)
-            self._send(err("Maildrop temporarily unavailable", ResponseCode.SYS_TEMP))
+            self._send(self._err("Maildrop temporarily unavailable", ResponseCode.SYS_TEMP))
         else:
             log.failure("POP3 login of {login!r} failed unexpectedly", failure, login=name)
-            self._send(err("Temporary server failure", ResponseCode.SYS_TEMP))
+            self._send(self._err("Temporary server failure", ResponseCode.SYS_TEMP))
         self._process()
 
     def _credential_failure(self) -> None:
         """Reply to a failed login; too many of them in one session end it."""
         self._failures += 1
-        self._send(err("Authentication failed", ResponseCode.AUTH))
+        self._send(self._err("Authentication failed", ResponseCode.AUTH))
         if self._failures >= self.settings.max_failures:
             log.warn("POP3 too many failed logins from {peer}, closing", peer=self._peer)
             self._ended_by = "too many failed logins"
@@ -637,6 +846,7 @@ class Pop3Server(Protocol, TimeoutMixin):
         if len(args) != 1:
             raise Pop3SyntaxError("RETR takes one message number")
         index = self._index(args[0])
+        self._retrieved.add(index)  # for EXPIRE 0
         self._start_stream(index, None, ok(f"{self._messages[index].size} octets"))
 
     def _do_top(self, command: Command) -> None:
@@ -653,7 +863,7 @@ class Pop3Server(Protocol, TimeoutMixin):
             source = self._maildrop.open_message(index)
         except Exception:
             log.failure("POP3 could not open message {n}", n=index + 1)
-            self._send(err("Message temporarily unavailable", ResponseCode.SYS_TEMP))
+            self._send(self._err("Message temporarily unavailable", ResponseCode.SYS_TEMP))
             return
         self._busy = True
         self._set_timeout(None)  # our own long response must not count as client idleness
@@ -699,7 +909,14 @@ class Pop3Server(Protocol, TimeoutMixin):
         assert maildrop is not None
         self.state = State.UPDATE
         self._busy = True
-        deleted = sorted(self._deleted)
+        expired = self._expired() - self._deleted
+        if expired:
+            log.info(
+                "POP3 UPDATE for {login!r}: {n} messages expired",
+                login=self._login_name,
+                n=len(expired),
+            )
+        deleted = sorted(self._deleted | expired)
         d = maybeDeferred(maildrop.commit, deleted)
 
         def committed(not_removed: int) -> None:
@@ -720,6 +937,54 @@ class Pop3Server(Protocol, TimeoutMixin):
 
         d.addCallbacks(committed, failed)
 
+    def _expired(self) -> set[int]:
+        """Messages RFC 2449 EXPIRE removes at this UPDATE (never with NEVER or unset).
+
+        EXPIRE 0 removes what was retrieved in this session; EXPIRE n removes messages
+        delivered at least n days ago. A message of unknown age is kept.
+        """
+        days = self.settings.expire
+        if not isinstance(days, int):
+            return set()
+        if days == 0:
+            return set(self._retrieved)
+        limit = self._clock.seconds() - days * DAY
+        return {
+            i
+            for i, m in enumerate(self._messages)
+            if m.delivered is not None and m.delivered <= limit
+        }
+
+    # -- SDPS -------------------------------------------------------------------------------
+
+    def _do_env(self, command: Command) -> None:
+        """SDPS ``*ENV n``: the envelope as fetchmail/getmail read it (checklist 0.3).
+
+        Data lines: account local part, account domain, envelope sender (the stored
+        Return-Path, blank for the null sender or when absent), envelope recipient.
+        """
+        maildrop = self._maildrop
+        assert maildrop is not None
+        args = command.args()
+        if len(args) != 1:
+            raise Pop3SyntaxError("*ENV takes one message number")
+        index = self._index(args[0])
+        try:
+            with maildrop.open_message(index) as source:
+                found = first_header_lines(source, "Return-Path")
+        except Exception:
+            log.failure("POP3 *ENV could not read message {n}", n=index + 1)
+            self._send(self._err("Message temporarily unavailable", ResponseCode.SYS_TEMP))
+            return
+        account = cast(Address, maildrop.account)
+        lines = [
+            account.local.encode("utf-8"),
+            account.domain.encode("ascii"),
+            envelope_sender(found),
+            str(account).encode("utf-8"),
+        ]
+        self._send(multiline(ok(), lines))
+
     # -- XTND -------------------------------------------------------------------------------
 
     def _do_xtnd(self, command: Command) -> None:
@@ -739,7 +1004,7 @@ class Pop3Server(Protocol, TimeoutMixin):
         assert maildrop is not None
         if self.settings.xtnd_xmit_require_tls and not self._tls:
             log.info("POP3 XTND XMIT refused without TLS from {peer}", peer=self._peer)
-            self._send(err("XTND XMIT requires a TLS connection", ResponseCode.SYS_PERM))
+            self._send(self._err("XTND XMIT requires a TLS connection", ResponseCode.SYS_PERM))
             return
         account = cast(Address, maildrop.account)
         self._busy = True
@@ -778,7 +1043,7 @@ class Pop3Server(Protocol, TimeoutMixin):
         if self.state is not State.TRANSACTION:
             return
         self._busy = False
-        self._send(err("Unable to send message", ResponseCode.SYS_TEMP))
+        self._send(self._err("Unable to send message", ResponseCode.SYS_TEMP))
         self._process()
 
     def _xmit_data(self, data: bytes) -> None:
@@ -799,6 +1064,8 @@ class Pop3Server(Protocol, TimeoutMixin):
                 return
             self._busy = False
             self._set_timeout(self.settings.timeout)
+            if not self._profile.resp_codes and line.startswith(b"-ERR ["):
+                line = b"-ERR " + line.partition(b"] ")[2]
             self._send(line)
             self._process()
 
@@ -836,7 +1103,7 @@ class Pop3Server(Protocol, TimeoutMixin):
                     lines.extend(found[1:])
         except Exception:
             log.failure("POP3 XTND XLST could not read message {n}", n=index + 1)
-            self._send(err("Message temporarily unavailable", ResponseCode.SYS_TEMP))
+            self._send(self._err("Message temporarily unavailable", ResponseCode.SYS_TEMP))
             return
         self._send(multiline(ok("xlst command accepted; headers coming."), lines))
 
@@ -848,8 +1115,24 @@ class Pop3Server(Protocol, TimeoutMixin):
             self._close()
 
 
+def envelope_sender(field_lines: Sequence[bytes]) -> bytes:
+    """The address in a ``Return-Path:`` field's physical lines; b"" for ``<>`` or none.
+
+    Only printable ASCII without spaces survives: the value goes back on the wire.
+    """
+    value = b" ".join(x.strip() for x in field_lines).partition(b":")[2].strip()
+    if value.startswith(b"<"):
+        value = value[1:].partition(b">")[0]
+    value = value.strip()
+    if not value or any(c <= 0x20 or c >= 0x7F for c in value) or len(value) > 254:
+        return b""
+    return value
+
+
 _HANDLERS: dict[tuple[State, str], Handler] = {
     (State.AUTHORIZATION, "CAPA"): Pop3Server._do_capa,
+    (State.AUTHORIZATION, "APOP"): Pop3Server._do_apop,
+    (State.TRANSACTION, "*ENV"): Pop3Server._do_env,
     (State.AUTHORIZATION, "USER"): Pop3Server._do_user,
     (State.AUTHORIZATION, "PASS"): Pop3Server._do_pass,
     (State.AUTHORIZATION, "AUTH"): Pop3Server._do_auth,
@@ -868,8 +1151,9 @@ _HANDLERS: dict[tuple[State, str], Handler] = {
     (State.TRANSACTION, "XTND"): Pop3Server._do_xtnd,
 }
 #: Verbs we know but refuse in the current state (vs. "Unknown command"). XTND is not
-#: among them: before login it is as unknown as in qpopper, which lists it for TRANSACTION.
-_KNOWN_VERBS = frozenset(verb for _, verb in _HANDLERS) - {"XTND"}
+#: among them: before login it is as unknown as in qpopper, which lists it for TRANSACTION;
+#: nor is the SDPS *ENV.
+_KNOWN_VERBS = frozenset(verb for _, verb in _HANDLERS) - {"XTND", "*ENV"}
 
 
 class Pop3Factory(ServerFactory):
@@ -879,8 +1163,10 @@ class Pop3Factory(ServerFactory):
         self.portal = portal
         self.settings = settings
         self.clock = clock
+        #: LOGIN-DELAY bookkeeping shared by every session of this listener.
+        self.login_times = LoginTimes(clock)
 
     def buildProtocol(self, addr: IAddress | None) -> Pop3Server:
-        protocol = Pop3Server(self.portal, self.settings, self.clock)
+        protocol = Pop3Server(self.portal, self.settings, self.clock, self.login_times)
         protocol.factory = self
         return protocol

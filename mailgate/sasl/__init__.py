@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+import secrets
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from zope.interface import implementer
+
+from mailgate.interfaces import IDigestResponse
 
 CANCEL = b"*"
 
@@ -61,6 +67,52 @@ def encode_challenge(data: bytes) -> bytes:
     return base64.b64encode(data)
 
 
+APOP = "APOP"
+CRAM_MD5 = "CRAM-MD5"
+
+
+@implementer(IDigestResponse)
+@dataclass(frozen=True)
+class DigestResponse:
+    """An APOP or CRAM-MD5 login for the checker: it recomputes ``response`` itself."""
+
+    username: bytes
+    challenge: bytes
+    response: bytes
+    kind: str
+
+
+#: What a finished exchange hands to ``portal.login``.
+Credentials = IUsernamePassword | DigestResponse
+
+
+def make_challenge(hostname: str, now: float | None = None) -> bytes:
+    """A fresh msg-id style challenge ``<random.timestamp@hostname>`` (APOP, CRAM-MD5).
+
+    The random part comes from :mod:`secrets`: a predictable challenge would let a recorded
+    digest be replayed (RFC 1939 7, RFC 2195 2).
+    """
+    stamp = int(time.time() if now is None else now)
+    host = "".join(c for c in hostname if c.isascii() and (c.isalnum() or c in ".-")) or "localhost"
+    return f"<{secrets.token_hex(8)}.{stamp}@{host}>".encode("ascii")
+
+
+_HEX_DIGEST = re.compile(rb"^[0-9A-Fa-f]{32}$")
+
+
+def parse_digest_answer(data: bytes) -> tuple[bytes, bytes]:
+    """``user SP 32HEX`` (CRAM-MD5 response, APOP arguments) -> (user, lower-case hex).
+
+    The user name is everything before the last space (RFC 2195 allows none in it, but
+    being liberal costs nothing), so the digest is always the last word.
+    """
+    user, sep, digest = data.rpartition(b" ")
+    if not sep or not user or len(user) > 255 or not _HEX_DIGEST.match(digest):
+        raise SaslError("malformed digest response")
+    _utf8(user, "user name")
+    return user, digest.lower()
+
+
 class Mechanism(ABC):
     """One SASL exchange. Create a fresh instance for every AUTH command."""
 
@@ -69,12 +121,15 @@ class Mechanism(ABC):
     #: unless the policy allows plaintext.
     plaintext: ClassVar[bool] = True
 
+    #: The server speaks first: an initial response is a protocol error (RFC 4954/5034).
+    server_first: ClassVar[bool] = False
+
     @abstractmethod
-    def start(self, initial_response: bytes | None) -> Challenge | IUsernamePassword:
+    def start(self, initial_response: bytes | None) -> Challenge | Credentials:
         """Begin; ``initial_response`` is the decoded initial response or None if absent."""
 
     @abstractmethod
-    def step(self, response: bytes) -> Challenge | IUsernamePassword:
+    def step(self, response: bytes) -> Challenge | Credentials:
         """Take one decoded client response."""
 
 
@@ -90,12 +145,12 @@ class Plain(Mechanism):
 
     name = "PLAIN"
 
-    def start(self, initial_response: bytes | None) -> Challenge | IUsernamePassword:
+    def start(self, initial_response: bytes | None) -> Challenge | Credentials:
         if initial_response is None:
             return Challenge(b"")
         return self.step(initial_response)
 
-    def step(self, response: bytes) -> Challenge | IUsernamePassword:
+    def step(self, response: bytes) -> Challenge | Credentials:
         parts = response.split(b"\0")
         if len(parts) != 3:
             raise SaslError("PLAIN needs exactly two NULs")
@@ -124,12 +179,12 @@ class Login(Mechanism):
     def __init__(self) -> None:
         self._username: bytes | None = None
 
-    def start(self, initial_response: bytes | None) -> Challenge | IUsernamePassword:
+    def start(self, initial_response: bytes | None) -> Challenge | Credentials:
         if initial_response:
             return self.step(initial_response)
         return Challenge(self.USERNAME_PROMPT)
 
-    def step(self, response: bytes) -> Challenge | IUsernamePassword:
+    def step(self, response: bytes) -> Challenge | Credentials:
         if self._username is None:
             if not response or len(response) > 255:
                 raise SaslError("LOGIN user name length")
@@ -141,10 +196,46 @@ class Login(Mechanism):
         return UsernamePassword(self._username, response)
 
 
-MECHANISMS: dict[str, type[Mechanism]] = {m.name: m for m in (Plain, Login)}
+class CramMD5(Mechanism):
+    """RFC 2195: the server sends a challenge, the client ``user SP hex(HMAC-MD5)``.
+
+    Not a plaintext mechanism (the secret never crosses the wire), so it may be offered
+    before TLS; but it needs a plaintext-equivalent stored secret, so protocols list it only
+    when some account has one.
+    """
+
+    name = CRAM_MD5
+    plaintext = False
+    server_first = True
+
+    def __init__(self, challenge: bytes | None = None) -> None:
+        self.challenge = challenge if challenge is not None else make_challenge("localhost")
+        self._sent = False
+
+    def start(self, initial_response: bytes | None) -> Challenge | Credentials:
+        if initial_response is not None:
+            raise SaslError("CRAM-MD5 takes no initial response")
+        self._sent = True
+        return Challenge(self.challenge)
+
+    def step(self, response: bytes) -> Challenge | Credentials:
+        if not self._sent:
+            raise SaslError("CRAM-MD5 response before the challenge")
+        user, digest = parse_digest_answer(response)
+        return DigestResponse(user, self.challenge, digest, CRAM_MD5)
 
 
-def mechanism(name: str) -> Mechanism | None:
-    """A fresh mechanism instance for ``name`` (case-insensitive), or None if unknown."""
+MECHANISMS: dict[str, type[Mechanism]] = {m.name: m for m in (Plain, Login, CramMD5)}
+
+
+def mechanism(name: str, *, challenge: bytes | None = None) -> Mechanism | None:
+    """A fresh mechanism instance for ``name`` (case-insensitive), or None if unknown.
+
+    ``challenge`` is the server challenge for CRAM-MD5 (see :func:`make_challenge`).
+    """
     cls = MECHANISMS.get(name.upper())
-    return cls() if cls is not None else None
+    if cls is None:
+        return None
+    if cls is CramMD5:
+        return CramMD5(challenge)
+    return cls()

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from mailgate.smtp.server import SmtpFactory, SmtpServer, SmtpSettings
+from mailgate.smtp.server import SmtpFactory, SmtpProfile, SmtpServer, SmtpSettings
 
-__all__ = ["SmtpFactory", "SmtpServer", "SmtpSettings"]
+__all__ = ["SmtpFactory", "SmtpProfile", "SmtpServer", "SmtpSettings"]

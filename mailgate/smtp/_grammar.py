@@ -162,9 +162,16 @@ def _split_params(params: str) -> list[tuple[str, str | None]]:
     return out
 
 
-def parse_mail_params(params: str, *, smtputf8_enabled: bool) -> MailParams:
+def parse_mail_params(
+    params: str,
+    *,
+    smtputf8_enabled: bool,
+    size_enabled: bool = True,
+    body_enabled: bool = True,
+) -> MailParams:
     """Validate MAIL FROM parameters (RFC 1870 SIZE, RFC 6152 BODY, RFC 4954 AUTH, SMTPUTF8).
 
+    SIZE and BODY count as offered only when the EHLO reply listed SIZE/8BITMIME.
     Raises SmtpSyntaxError with kind ``unknown-param`` for parameters not offered,
     ``bad-param`` for bad values of known ones and ``param-syntax`` for junk.
     """
@@ -177,11 +184,11 @@ def parse_mail_params(params: str, *, smtputf8_enabled: bool) -> MailParams:
         if key in seen:
             raise SmtpSyntaxError("bad-param", f"Duplicate {key} parameter")
         seen.add(key)
-        if key == "SIZE":
+        if key == "SIZE" and size_enabled:
             if value is None or not value.isdigit() or len(value) > 20:
                 raise SmtpSyntaxError("bad-param", "Bad SIZE parameter")
             size = int(value)
-        elif key == "BODY":
+        elif key == "BODY" and body_enabled:
             if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                 raise SmtpSyntaxError("bad-param", "Unsupported BODY type")
             body = value.upper()
@@ -213,6 +220,14 @@ def reply(code: int, enhanced: str | None, text: str | Sequence[str]) -> bytes:
         sep = " " if i == len(lines) - 1 else "-"
         out.append(f"{code}{sep}{code_text}{line}")
     return ("\r\n".join(out) + "\r\n").encode("utf-8")
+
+
+_ENHANCED = re.compile(rb"^([0-9]{3}[ -])[245]\.[0-9]{1,3}\.[0-9]{1,3} ", re.MULTILINE)
+
+
+def strip_enhanced(data: bytes) -> bytes:
+    """A reply without its RFC 3463 enhanced codes (for a profile not offering them)."""
+    return _ENHANCED.sub(rb"\1", data)
 
 
 def ehlo_reply(hostname: str, greeting: str, keywords: Sequence[str]) -> bytes:

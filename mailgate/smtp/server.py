@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -57,9 +56,10 @@ from mailgate.smtp._grammar import (
     parse_mail_params,
     parse_path,
     reply,
+    strip_enhanced,
 )
 
-__all__ = ["SmtpFactory", "SmtpServer", "SmtpSettings", "State"]
+__all__ = ["SmtpFactory", "SmtpProfile", "SmtpServer", "SmtpSettings", "State"]
 
 _log = Logger()
 T = TypeVar("T")
@@ -73,6 +73,36 @@ _BEFORE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"})
 def _nobody(peer_ip: str) -> bool:
     """The default policy: no address gets the privilege."""
     return False
+
+
+def _none_available() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class SmtpProfile:
+    """What one submission listener advertises, so a lab can emulate an older server.
+
+    A hidden extension is neither listed in EHLO nor accepted: STARTTLS answers like an
+    unknown command, SIZE=/BODY= become unknown MAIL parameters, replies lose their
+    enhanced status codes. Defaults are mailgate's normal behaviour. CRAM-MD5 in ``sasl``
+    is further subject to some account having a plaintext-equivalent secret.
+    """
+
+    pipelining: bool = True
+    eightbitmime: bool = True
+    size: bool = True
+    enhancedstatuscodes: bool = True
+    starttls: bool = True
+    sasl: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5")
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.sasl if m.upper() not in sasl.MECHANISMS]
+        if unknown:
+            raise ValueError(f"unknown SASL mechanism {unknown[0]!r}")
+
+    def offers_mechanism(self, name: str) -> bool:
+        return name.upper() in {m.upper() for m in self.sasl}
 
 
 @dataclass(frozen=True)
@@ -100,12 +130,26 @@ class SmtpSettings:
     smtputf8: bool = False
     max_header_lines: int = MAX_HEADER_LINES
     max_header_bytes: int = MAX_HEADER_BYTES
+    #: What this listener advertises (PIPELINING, 8BITMIME, SIZE, STARTTLS, mechanisms...).
+    profile: SmtpProfile = field(default_factory=SmtpProfile)
+    #: Asked once per connection: can CRAM-MD5 succeed for some account? E.g.
+    #: ``lambda: users.any_hash(passwords.supports_cram_md5)``.
+    cram_md5_available: Callable[[], bool] = _none_available
+    #: (hostname, now) -> a fresh ``<random.time@host>`` CRAM-MD5 challenge.
+    challenge: Callable[[str, float], bytes] = sasl.make_challenge
 
     def __post_init__(self) -> None:
         BareNewline(self.bare_newline)  # ValueError on a bad policy name
         LongLines(self.long_lines)
         if self.max_size <= 0 or self.max_recipients <= 0 or self.max_failures <= 0:
             raise ValueError("SMTP limits must be positive")
+        if (
+            self.require_tls
+            and not self.implicit_tls
+            and self.tls_context is not None
+            and not self.profile.starttls
+        ):
+            raise ValueError("require_tls needs STARTTLS, which the profile hides")
 
 
 class State(enum.Enum):
@@ -177,6 +221,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
         self._splitter: HeaderSplitter | None = None
         self._sink: IMessageSink | None = None
         self._data_failure: str | None = None
+        self._cram_md5 = False
 
     # -- connection ---------------------------------------------------------------------
 
@@ -202,6 +247,13 @@ class SmtpServer(LineReceiver, TimeoutMixin):
             except Exception:
                 pass  # not a TCP socket underneath: nothing to tune
         self._set_timeout(self._settings.timeout)
+        try:
+            # Evaluated per connection, so a user-file change takes effect at once.
+            self._cram_md5 = self._settings.profile.offers_mechanism(sasl.CRAM_MD5) and bool(
+                self._settings.cram_md5_available()
+            )
+        except Exception:
+            _log.failure("SMTP could not decide on CRAM-MD5; not offering it")
         self._send(reply(220, None, f"{self._settings.hostname} ESMTP mailgate"))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -218,6 +270,8 @@ class SmtpServer(LineReceiver, TimeoutMixin):
     def _send(self, data: bytes) -> None:
         """Every reply leaves in exactly one write."""
         if self.state is not State.CLOSED:
+            if not self._settings.profile.enhancedstatuscodes:
+                data = strip_enhanced(data)
             self._transport.write(data)
 
     def _close(self) -> None:
@@ -309,7 +363,9 @@ class SmtpServer(LineReceiver, TimeoutMixin):
             else:
                 self._send(reply(500, "5.5.2", "Syntax error"))
             return
-        if cmd.verb not in self._known:
+        if cmd.verb not in self._known or (
+            cmd.verb == "STARTTLS" and not self._settings.profile.starttls
+        ):
             self._send(reply(500, "5.5.1", "Command unrecognized"))
             return
         if self._tls_required() and cmd.verb not in _BEFORE_TLS:
@@ -360,6 +416,15 @@ class SmtpServer(LineReceiver, TimeoutMixin):
     def _plaintext_ok(self) -> bool:
         return self._tls or self._settings.allow_plaintext(self._peer_ip)
 
+    def _mechanism_offered(self, name: str) -> bool:
+        """Listed by the profile and, for CRAM-MD5, possible for some account."""
+        if not self._settings.profile.offers_mechanism(name):
+            return False
+        return name != sasl.CRAM_MD5 or self._cram_md5
+
+    def _mechanism_usable(self, name: str, cls: type[sasl.Mechanism]) -> bool:
+        return self._mechanism_offered(name) and (self._plaintext_ok() or not cls.plaintext)
+
     def _tls_required(self) -> bool:
         s = self._settings
         if not s.require_tls or self._tls:
@@ -391,10 +456,17 @@ class SmtpServer(LineReceiver, TimeoutMixin):
         self._extended = True
         self.state = State.READY
         s = self._settings
-        keywords = ["PIPELINING", f"SIZE {s.max_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
-        if not self._tls and s.tls_context is not None:
+        p = s.profile
+        offered = (
+            ("PIPELINING", p.pipelining),
+            (f"SIZE {s.max_size}", p.size),
+            ("8BITMIME", p.eightbitmime),
+            ("ENHANCEDSTATUSCODES", p.enhancedstatuscodes),
+        )
+        keywords = [keyword for keyword, on in offered if on]
+        if not self._tls and s.tls_context is not None and p.starttls:
             keywords.append("STARTTLS")
-        mechs = [n for n, m in sasl.MECHANISMS.items() if self._plaintext_ok() or not m.plaintext]
+        mechs = [n for n, m in sasl.MECHANISMS.items() if self._mechanism_usable(n, m)]
         if mechs:
             keywords.append("AUTH " + " ".join(mechs))
         if s.smtputf8:
@@ -482,15 +554,22 @@ class SmtpServer(LineReceiver, TimeoutMixin):
         if not parts or len(parts) > 2:
             self._send(reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
             return
-        mech = sasl.mechanism(parts[0].decode("ascii", "replace"))
-        if mech is None:
+        name = parts[0].decode("ascii", "replace").upper()
+        cls = sasl.MECHANISMS.get(name)
+        if cls is None or not self._mechanism_offered(name):
             self._send(reply(504, "5.5.4", "Unrecognized authentication type"))
             return
-        if mech.plaintext and not self._plaintext_ok():
+        if cls.plaintext and not self._plaintext_ok():
             self._send(
                 reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
             )
             return
+        if cls.server_first and len(parts) == 2:
+            self._send(reply(501, "5.5.2", f"{name} does not take an initial response"))
+            return
+        s = self._settings
+        mech = sasl.mechanism(name, challenge=s.challenge(s.hostname, self._clock.seconds()))
+        assert mech is not None
         initial: bytes | None = None
         if len(parts) == 2:
             try:
@@ -524,7 +603,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
         self._mech = None
         self.state = State.READY
 
-    def _sasl_step(self, step: Callable[[], sasl.Challenge | IUsernamePassword]) -> None:
+    def _sasl_step(self, step: Callable[[], sasl.Challenge | sasl.Credentials]) -> None:
         try:
             result = step()
         except sasl.SaslError:
@@ -591,7 +670,12 @@ class SmtpServer(LineReceiver, TimeoutMixin):
         assert self._avatar is not None
         try:
             path = parse_path(arg, "FROM")
-            params = parse_mail_params(path.params, smtputf8_enabled=s.smtputf8)
+            params = parse_mail_params(
+                path.params,
+                smtputf8_enabled=s.smtputf8,
+                size_enabled=s.profile.size,
+                body_enabled=s.profile.eightbitmime,
+            )
         except SmtpSyntaxError as e:
             self._send(self._syntax_reply(e, "5.1.7"))
             return

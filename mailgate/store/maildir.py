@@ -56,6 +56,8 @@ _UNSAFE_CHARS = ("/", "\\", "%", "\x00")
 _SIZE_FIELD = re.compile(r",([SW])=(\d+)(?=,|$)")
 _OUR_NAME = re.compile(r"^(\d+)\.M(\d+)P(\d+)Q(\d+)\.")
 _LEADING_SECS = re.compile(r"^(\d+)")
+#: A delivery time in a Maildir name: Unix seconds (2001 onwards) then a dot.
+_NAME_TIME = re.compile(r"^(\d{10})\.")
 
 
 def safe_component(part: str) -> str:
@@ -102,6 +104,20 @@ def _delivery_order(base: str) -> tuple[int, int, int, str]:
         return (int(m.group(1)), int(m.group(2)), int(m.group(4)), base)
     m = _LEADING_SECS.match(base)
     return (int(m.group(1)) if m else 0, 0, 0, base)
+
+
+def _delivered(base: str, st: os.stat_result) -> float:
+    """When a message arrived: the name's leading seconds (Maildir convention), else mtime.
+
+    POP3 EXPIRE ages messages from this; a name that claims a time in the future (clock
+    skew, a foreign writer) is not trusted over the file's own mtime.
+    """
+    m = _NAME_TIME.match(base)
+    if m:
+        secs = float(m.group(1))
+        if secs <= st.st_mtime + 86400:
+            return secs
+    return st.st_mtime
 
 
 def _is_candidate(name: str) -> bool:
@@ -258,7 +274,8 @@ class _Scanner:
             base, sep, info = name.partition(":")
             self._rename_free(path, self._with_sizes(path, base, st.st_size), info if sep else "2,")
             moved = True
-        entries: dict[str, tuple[str, int]] = {}  # base -> (file name in cur, wire size)
+        # base -> (file name in cur, wire size, delivery time)
+        entries: dict[str, tuple[str, int, float]] = {}
         for name in os.listdir(self.cur):
             path = os.path.join(self.cur, name)
             st = self._regular(path) if _is_candidate(name) else None
@@ -275,13 +292,18 @@ class _Scanner:
             if base in entries:
                 _log.warn("duplicate maildir message {name} ignored", name=path)
                 continue
-            entries[base] = (name, wire)
+            entries[base] = (name, wire, _delivered(base, st))
         if moved:
             self.store.fsync_dir(self.cur)
             self.store.fsync_dir(self.new)
         validity, uids = UidList(self.maildir, self.store).assign(entries)
         return [
-            MessageInfo(f"{validity:08x}{uid:08x}", entries[base][1], entries[base][0])
+            MessageInfo(
+                f"{validity:08x}{uid:08x}",
+                entries[base][1],
+                entries[base][0],
+                delivered=entries[base][2],
+            )
             for base, uid in sorted(uids.items(), key=lambda item: item[1])
         ]
 
