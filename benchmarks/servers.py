@@ -19,6 +19,8 @@ from pathlib import Path
 from benchmarks.procstat import wait_port
 
 REPO = Path(__file__).resolve().parent.parent
+#: Which mailgate source tree to run: this checkout, or e.g. a ``git worktree`` of a commit.
+SOURCE = Path(os.environ.get("MAILGATE_SRC", str(REPO))).resolve()
 PASSWORD = "bench-Secret-1"
 
 
@@ -61,10 +63,17 @@ class Server:
         self.procs.clear()
 
 
+def _source_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE), env.get("PYTHONPATH")]))
+    return env
+
+
 def _spawn(cmd: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
             cmd,
+            env=_source_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -75,8 +84,12 @@ def _spawn(cmd: list[str], log: Path, cwd: Path | None = None) -> subprocess.Pop
 
 def _wait_ports(server: Server, ports: list[int]) -> None:
     for port in ports:
-        if not wait_port(port, 60):
-            tail = "".join(p.read_text(errors="replace")[-2000:] for p in server.logs)
+        deadline = time.monotonic() + 60
+        while not wait_port(port, 1.0) and time.monotonic() < deadline:
+            if any(p.poll() is not None for p in server.procs):
+                break  # it died: no point waiting
+        if not wait_port(port, 0.5):
+            tail = "".join(p.read_text(errors="replace")[-2000:] for p in server.logs if p.exists())
             server.stop()
             raise RuntimeError(f"{server.name} did not listen on {port}:\n{tail}")
 
@@ -90,7 +103,11 @@ def mailgate_cli(state: Path, *args: str, stdin: str = "") -> None:
     """The ``mailgate`` admin command, as an operator would run it."""
     exe = Path(sys.executable).parent / "mailgate"
     subprocess.run(
-        [str(exe), "--state-dir", str(state), *args], input=stdin.encode(), check=True, cwd=REPO
+        [str(exe), "--state-dir", str(state), *args],
+        input=stdin.encode(),
+        check=True,
+        cwd=SOURCE,
+        env=_source_env(),
     )
 
 
@@ -112,7 +129,7 @@ def start_mailgate(state: Path, profile: Path | None = None) -> Server:
         "--allow-plaintext-from", "127.0.0.0/8",
     ]  # fmt: skip
     server = Server("mailgate", p, logs=[state / "twistd.log", state / "stdout.log"])
-    server.procs.append(_spawn(cmd, state / "stdout.log", cwd=REPO))
+    server.procs.append(_spawn(cmd, state / "stdout.log", cwd=SOURCE))
     _wait_ports(server, [p.pop3, p.pop3s, p.submission, p.submissions])
     return server
 
@@ -120,6 +137,17 @@ def start_mailgate(state: Path, profile: Path | None = None) -> Server:
 # -- Dovecot -----------------------------------------------------------------------------
 
 DOVECOT_PORTS = Ports(pop3=22110, pop3s=22995)
+#: Dovecot refuses to access mail as root: its Maildirs belong to nobody.
+MAIL_UID, MAIL_GID = 65534, 65534
+
+
+def chown_tree(root: Path, uid: int = MAIL_UID, gid: int = MAIL_GID) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chown(dirpath, uid, gid)
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+
+
 POSTFIX_PORTS = Ports(submission=23587, submissions=23465)
 
 
@@ -148,7 +176,7 @@ ssl_cert = <{cert}
 ssl_key = <{key}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
-first_valid_uid = 0
+first_valid_uid = 1
 mail_location = maildir:{base}/mail/%d/%n/Maildir
 default_process_limit = {limit}
 default_client_limit = {limit * 2}
@@ -159,7 +187,7 @@ passdb {{
 }}
 userdb {{
   driver = static
-  args = uid=0 gid=0 home={base}/mail/%d/%n
+  args = uid={MAIL_UID} gid={MAIL_GID} home={base}/mail/%d/%n
 }}
 protocol pop3 {{
   mail_max_userip_connections = {limit}
