@@ -452,3 +452,34 @@ class ProfileTests(unittest.TestCase):
         assert s.send(b"STAT\r\nNOOP \n") == b"+OK 0 0\r\n+OK\r\n"
         with pytest.raises(ValueError):
             Pop3Profile(parsing="sloppy")
+
+
+class MaildirAgeTests(unittest.TestCase):
+    """EXPIRE's message age as the Maildir store reports it."""
+
+    def test_delivery_time_from_name_or_mtime(self) -> None:
+        import os
+
+        from mailgate.store.maildir import MaildirStore
+        from tests.test_store_contract import run_sync, temp_dir
+
+        root = temp_dir(self)
+        store = MaildirStore(str(root), run_sync, hostname="test.host")
+        md = os.path.join(str(root), "example.com", "tim", "Maildir")
+        for sub in ("new", "cur", "tmp"):
+            os.makedirs(os.path.join(md, sub), exist_ok=True)
+        names = {
+            "1600000000.M1P1Q1.host": 1600000000.0,  # time in the name
+            "junkname": 1650000000.0,  # no time in the name: mtime
+            "1999999999.future.host": 1650000001.0,  # claims the future: mtime wins
+            "123.short.host": 1650000002.0,  # too short to be a time: mtime
+        }
+        for name, mtime in names.items():
+            path = os.path.join(md, "new", name)
+            with open(path, "wb") as f:
+                f.write(b"Subject: x\n\nx\n")
+            os.utime(path, (mtime, mtime))
+        drop = self.successResultOf(store.open_maildrop(TIM))
+        ages = sorted(m.delivered for m in drop.messages if m.delivered is not None)
+        drop.release()
+        assert ages == sorted(names.values())
