@@ -26,6 +26,8 @@ ALLOWED: dict[str, set[str]] = {
         "mailgate.dataread",
         "mailgate.headers",
         "mailgate.recipients",
+        # Only the pure fail2ban line and penalty timer; the throttle itself is injected.
+        "mailgate.auth.throttle",
     },
     "mailgate.smtp": {
         "mailgate.interfaces",
@@ -36,6 +38,8 @@ ALLOWED: dict[str, set[str]] = {
         "mailgate.smtp",
         "mailgate.dataread",
         "mailgate.headers",
+        # Only the pure fail2ban line and penalty timer; the throttle itself is injected.
+        "mailgate.auth.throttle",
     },
     "mailgate.store": {
         "mailgate.interfaces",

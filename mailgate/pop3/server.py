@@ -14,7 +14,7 @@ from typing import IO, Any, cast
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
 from twisted.cred.portal import Portal
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -32,9 +32,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgate import sasl
+from mailgate.auth.throttle import deferred_failure, failure_line
 from mailgate.errors import MaildropInUse, MaildropUnavailable
 from mailgate.headers import MAX_HEADER_BYTES, MAX_HEADER_LINES
-from mailgate.interfaces import IMaildrop, ISubmission
+from mailgate.interfaces import IAuthThrottle, IMaildrop, ISubmission
 from mailgate.model import Address, MessageInfo
 from mailgate.pop3._grammar import (
     MAX_AUTH_LINE,
@@ -196,6 +197,9 @@ class Pop3Settings:
     expire: int | str | None = None
     #: SDPS ``*ENV n`` in TRANSACTION (fetchmail/getmail read the envelope from it).
     sdps_env: bool = False
+    #: The brute-force brake shared with SMTP (per client address); None: no delays, but
+    #: every failed login is still logged in the fail2ban line format.
+    throttle: IAuthThrottle | None = None
 
     def __post_init__(self) -> None:
         self.xmit_policy()  # ValueError now, at wiring time, on a bad XMIT policy
@@ -343,6 +347,9 @@ class Pop3Server(Protocol, TimeoutMixin):
         self._tls = settings.implicit_tls
         self._plaintext_here = False
         self._peer = ""
+        self._host = ""  # the peer's IP alone: the throttle's and fail2ban's key
+        #: The throttle's wait before a failure reply; cancelled if the client leaves.
+        self._penalty: Deferred[None] | None = None
         self._user: bytes | None = None
         self._mechanism: sasl.Mechanism | None = None
         self._failures = 0
@@ -390,6 +397,7 @@ class Pop3Server(Protocol, TimeoutMixin):
         peer = transport.getPeer()
         host = getattr(peer, "host", "")
         self._peer = f"{host}:{getattr(peer, 'port', '')}"
+        self._host = str(host)
         self._plaintext_here = bool(self.settings.allow_plaintext(str(host)))
         self._set_timeout(self.settings.timeout)
         log.debug("POP3 connection from {peer}", peer=self._peer)
@@ -422,6 +430,9 @@ class Pop3Server(Protocol, TimeoutMixin):
         previous = self.state
         self.state = State.CLOSED
         self._set_timeout(None)
+        penalty, self._penalty = self._penalty, None
+        if penalty is not None:
+            penalty.cancel()  # no timer may outlive the connection
         if self._stream is not None:
             self._stream.stopProducing()
             self._stream = None
@@ -675,10 +686,7 @@ class Pop3Server(Protocol, TimeoutMixin):
             result = step()
         except sasl.SaslError:
             self._end_sasl()
-            log.warn(
-                "POP3 malformed {mech} exchange from {peer}", mech=mechanism.name, peer=self._peer
-            )
-            self._credential_failure()
+            self._credential_failure("", b"", "malformed")
             return
         if isinstance(result, sasl.Challenge):
             self._mechanism = mechanism
@@ -727,8 +735,7 @@ class Pop3Server(Protocol, TimeoutMixin):
         try:
             name, digest = sasl.parse_digest_answer(args[0] + b" " + args[1])
         except sasl.SaslError:
-            log.warn("POP3 malformed APOP from {peer}", peer=self._peer)
-            self._credential_failure()
+            self._credential_failure(args[0].decode("utf-8", "replace"), b"", "malformed")
             return
         self._login(sasl.DigestResponse(name, timestamp, digest, sasl.APOP))
 
@@ -737,12 +744,17 @@ class Pop3Server(Protocol, TimeoutMixin):
         self._busy = True
         d = self.portal.login(credentials, None, IMaildrop)
         d.addCallbacks(
-            self._logged_in, self._login_failed, callbackArgs=(name,), errbackArgs=(name,)
+            self._logged_in,
+            self._login_failed,
+            callbackArgs=(name,),
+            errbackArgs=(name, _secret(credentials)),
         )
         d.addErrback(lambda f: log.failure("POP3 login handling failed", f))
 
     def _logged_in(self, result: tuple[Any, Any, Callable[[], None]], name: str) -> None:
         _, avatar, logout = result
+        if self.settings.throttle is not None:
+            self.settings.throttle.succeeded(self._host)  # the credentials were right
         if self.state is State.CLOSED:
             logout()  # the client left while we were logging it in
             return
@@ -775,13 +787,12 @@ class Pop3Server(Protocol, TimeoutMixin):
         self._send(ok(f"maildrop has {count} messages ({octets} octets)"))
         self._process()
 
-    def _login_failed(self, failure: Failure, name: str) -> None:
+    def _login_failed(self, failure: Failure, name: str, secret: bytes) -> None:
         if self.state is State.CLOSED:
             return
         self._busy = False
         if isinstance(failure.value, LoginFailed):
-            log.warn("POP3 failed login {login!r} from {peer}", login=name, peer=self._peer)
-            self._credential_failure()
+            self._credential_failure(name, secret, "bad-credentials")
         elif isinstance(failure.value, MaildropInUse):
             log.info("POP3 maildrop of {login!r} in use", login=name)
             self._send(self._err("Maildrop already locked by another session", ResponseCode.IN_USE))
@@ -793,7 +804,36 @@ class Pop3Server(Protocol, TimeoutMixin):
             self._send(self._err("Temporary server failure", ResponseCode.SYS_TEMP))
         self._process()
 
-    def _credential_failure(self) -> None:
+    def _credential_failure(self, login: str, secret: bytes, reason: str) -> None:
+        """Log a failed login, tell the throttle, and reply once its delay has passed.
+
+        While the delay runs the session is busy: pipelined lines wait, in order.
+        """
+        throttle = self.settings.throttle
+        if throttle is None:
+            log.warn("{line}", line=failure_line("pop3", self._host, login, reason))
+            self._failure_reply()
+            return
+        throttle.failed(self._host, login, throttle.fingerprint(secret))
+        throttle.log_failure("pop3", self._host, login, reason)
+        penalty = deferred_failure(self._clock, throttle.delay_for(self._host), None)
+        if penalty.called:
+            self._failure_reply()
+            return
+        self._busy = True
+        self._penalty = penalty
+        penalty.addCallbacks(self._penalty_over, lambda f: f.trap(CancelledError))
+        penalty.addErrback(lambda f: log.failure("POP3 delayed failure reply failed", f))
+
+    def _penalty_over(self, _: None) -> None:
+        self._penalty = None
+        if self.state is State.CLOSED:
+            return
+        self._busy = False
+        self._failure_reply()
+        self._process()
+
+    def _failure_reply(self) -> None:
         """Reply to a failed login; too many of them in one session end it."""
         self._failures += 1
         self._send(self._err("Authentication failed", ResponseCode.AUTH))
@@ -1113,6 +1153,14 @@ class Pop3Server(Protocol, TimeoutMixin):
             self._transport.write(reply)
             self._ended_by = "QUIT"
             self._close()
+
+
+def _secret(credentials: sasl.Credentials) -> bytes:
+    """What the throttle fingerprints: the password, or the APOP/CRAM-MD5 digest."""
+    if isinstance(credentials, sasl.DigestResponse):
+        return credentials.response
+    password = getattr(credentials, "password", b"")
+    return password if isinstance(password, bytes) else str(password).encode("utf-8")
 
 
 def envelope_sender(field_lines: Sequence[bytes]) -> bytes:
