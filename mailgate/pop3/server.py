@@ -822,8 +822,7 @@ class Pop3Server(Protocol, TimeoutMixin):
             return
         self._busy = True
         self._penalty = penalty
-        penalty.addCallbacks(self._penalty_over, lambda f: f.trap(CancelledError))
-        penalty.addErrback(lambda f: log.failure("POP3 delayed failure reply failed", f))
+        penalty.addCallbacks(self._penalty_over, self._penalty_cancelled)
 
     def _penalty_over(self, _: None) -> None:
         self._penalty = None
@@ -832,6 +831,10 @@ class Pop3Server(Protocol, TimeoutMixin):
         self._busy = False
         self._failure_reply()
         self._process()
+
+    def _penalty_cancelled(self, failure: Failure) -> None:
+        if not isinstance(failure.value, CancelledError):  # cancelled: the client left
+            log.failure("POP3 delayed failure reply failed", failure)
 
     def _failure_reply(self) -> None:
         """Reply to a failed login; too many of them in one session end it."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from mailgate.errors import AddressError
 from mailgate.model import Address
@@ -18,9 +19,11 @@ __all__ = [
     "MAX_COMMAND_LINE",
     "Command",
     "MailParams",
+    "Parsing",
     "Path",
     "SmtpSyntaxError",
     "ehlo_reply",
+    "find_line_end",
     "parse_address",
     "parse_command",
     "parse_mail_params",
@@ -47,6 +50,38 @@ class SmtpSyntaxError(ValueError):
         self.text = text
 
 
+class Parsing(Enum):
+    """How forgiving the command parser is (the listener's SmtpProfile picks one).
+
+    The same three modes as POP3's. NORMAL is mailgate's own behaviour: leading, trailing and
+    repeated SP or HTAB around the verb and argument are fine, lines end with CRLF only.
+    STRICT emulates a picky server: exactly one SP between words, nothing leading or
+    trailing, no HTAB, and MAIL FROM:/RCPT TO: paths in angle brackets right
+    after the colon. LENIENT emulates an old forgiving one: a bare LF also ends a command
+    line. Verbs are case-insensitive in every mode (RFC 5321 2.4), and the end of DATA is
+    CRLF.CRLF in every mode.
+    """
+
+    STRICT = "strict"
+    NORMAL = "normal"
+    LENIENT = "lenient"
+
+
+def find_line_end(buffer: bytes, bare_lf: bool = False) -> tuple[int, int]:
+    """Where the first command line in ``buffer`` ends: (content end, next line start).
+
+    (-1, -1) while no line end has arrived. Only CRLF ends a line unless ``bare_lf``
+    (lenient parsing), where an LF ends it too and a CR right before that LF is dropped.
+    """
+    if bare_lf:
+        lf = buffer.find(b"\n")
+        if lf < 0:
+            return -1, -1
+        return (lf - 1 if lf > 0 and buffer[lf - 1] == 0x0D else lf), lf + 1
+    end = buffer.find(b"\r\n")
+    return (end, end + 2) if end >= 0 else (-1, -1)
+
+
 @dataclass(frozen=True)
 class Command:
     """One command line: upper-cased verb and the argument text after the first space."""
@@ -55,18 +90,25 @@ class Command:
     arg: bytes
 
 
-def parse_command(line: bytes) -> Command:
+def parse_command(line: bytes, parsing: Parsing = Parsing.NORMAL) -> Command:
     """Split a command line (without CRLF) into verb and argument.
 
-    NUL and stray CR/LF are refused: they have no place in a command and a lone LF could
-    hide a second command from whatever sits between the client and us.
+    NUL and stray CR/LF are refused in every mode: they have no place in a command and a
+    lone LF could hide a second command from whatever sits between the client and us.
     """
     if b"\r" in line or b"\n" in line or b"\0" in line:
         raise SmtpSyntaxError("line", "Invalid character in command line")
-    verb, _, arg = line.strip(b" \t").partition(b" ")
+    if parsing is Parsing.STRICT:
+        verb, sep, arg = line.partition(b" ")
+        spaced = not arg or arg[:1] == b" " or arg[-1:] == b" " or b"  " in arg
+        if b"\t" in line or (sep and spaced):
+            raise SmtpSyntaxError("line", "Syntax error")
+    else:
+        verb, _, arg = line.strip(b" \t").partition(b" ")
+        arg = arg.strip(b" \t")
     if not verb or len(verb) > 16 or not verb.isalpha() or not verb.isascii():
         raise SmtpSyntaxError("verb", "Command unrecognized")
-    return Command(verb.decode("ascii").upper(), arg.strip(b" \t"))
+    return Command(verb.decode("ascii").upper(), arg)
 
 
 @dataclass(frozen=True)
@@ -81,12 +123,12 @@ class Path:
         return self.mailbox == ""
 
 
-def parse_path(arg: bytes, keyword: str) -> Path:
+def parse_path(arg: bytes, keyword: str, strict: bool = False) -> Path:
     """Parse ``FROM:<path> params`` (or ``TO:``).
 
     A space after the colon and a missing pair of angle brackets are tolerated (old clients
-    send both); a source route ``<@a,@b:user@d>`` is dropped as RFC 5321 4.1.1.3 allows.
-    Non-UTF-8 octets are a syntax error.
+    send both) unless ``strict``; a source route ``<@a,@b:user@d>`` is dropped as RFC 5321
+    4.1.1.3 allows. Non-UTF-8 octets are a syntax error.
     """
     try:
         text = arg.decode("utf-8")
@@ -95,7 +137,10 @@ def parse_path(arg: bytes, keyword: str) -> Path:
     head = keyword.upper() + ":"
     if text[: len(head)].upper() != head:
         raise SmtpSyntaxError("syntax", f"Syntax: {keyword.upper()}:<address>")
-    text = text[len(head) :].lstrip(" ")
+    text = text[len(head) :]
+    if strict and not text.startswith("<"):
+        raise SmtpSyntaxError("syntax", f"Syntax: {keyword.upper()}:<address>")
+    text = text.lstrip(" ")
     if text.startswith("<"):
         end = _closing_bracket(text)
         if end < 0:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypeVar
 
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITLSTransport
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
@@ -30,6 +30,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mailgate import sasl
+from mailgate.auth.throttle import deferred_failure, failure_line
 from mailgate.dataread import BareNewline, DataReader, DataStatus, LongLines
 from mailgate.errors import DeliveryError, RelayDenied, SenderNotOwned, UnknownRecipient
 from mailgate.headers import (
@@ -42,15 +43,17 @@ from mailgate.headers import (
     fix_headers,
     received_protocol,
 )
-from mailgate.interfaces import IMessageSink, ISubmission
+from mailgate.interfaces import IAuthThrottle, IMessageSink, ISubmission
 from mailgate.model import Address, Envelope
 from mailgate.smtp._grammar import (
     MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
     MailParams,
+    Parsing,
     SmtpSyntaxError,
     check_rcpt_params,
     ehlo_reply,
+    find_line_end,
     parse_address,
     parse_command,
     parse_mail_params,
@@ -95,14 +98,21 @@ class SmtpProfile:
     enhancedstatuscodes: bool = True
     starttls: bool = True
     sasl: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5")
+    #: "normal", "strict" or "lenient" (see :class:`mailgate.smtp._grammar.Parsing`).
+    parsing: str = "normal"
 
     def __post_init__(self) -> None:
+        Parsing(self.parsing)  # ValueError on an unknown mode
         unknown = [m for m in self.sasl if m.upper() not in sasl.MECHANISMS]
         if unknown:
             raise ValueError(f"unknown SASL mechanism {unknown[0]!r}")
 
     def offers_mechanism(self, name: str) -> bool:
         return name.upper() in {m.upper() for m in self.sasl}
+
+    @property
+    def parsing_mode(self) -> Parsing:
+        return Parsing(self.parsing)
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,9 @@ class SmtpSettings:
     cram_md5_available: Callable[[], bool] = _none_available
     #: (hostname, now) -> a fresh ``<random.time@host>`` CRAM-MD5 challenge.
     challenge: Callable[[str, float], bytes] = sasl.make_challenge
+    #: The brute-force brake shared with POP3 (per client address); None: no delays, but
+    #: every failed login is still logged in the fail2ban line format.
+    throttle: IAuthThrottle | None = None
 
     def __post_init__(self) -> None:
         BareNewline(self.bare_newline)  # ValueError on a bad policy name
@@ -197,6 +210,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
         self._settings = settings
         self._clock = clock
         self._anonymous = anonymous
+        self._parsing = settings.profile.parsing_mode
         self.state = State.INITIAL
         self._tls = settings.implicit_tls
         self._peer_ip = "unknown"
@@ -207,6 +221,8 @@ class SmtpServer(LineReceiver, TimeoutMixin):
         self._throttled = False
         self._discarding: str | None = None
         self._failures = 0
+        #: The throttle's wait before a failure reply; cancelled if the client leaves.
+        self._penalty: Deferred[None] | None = None
         # Authentication
         self._avatar: ISubmission | None = None
         self._logout: Callable[[], None] | None = None
@@ -259,6 +275,9 @@ class SmtpServer(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.state = State.CLOSED
         self._set_timeout(None)
+        penalty, self._penalty = self._penalty, None
+        if penalty is not None:
+            penalty.cancel()  # no timer may outlive the connection
         self._abort_data()
         self._drop_avatar()
 
@@ -283,9 +302,10 @@ class SmtpServer(LineReceiver, TimeoutMixin):
     # -- input loop ---------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        # The idle timer is reset per complete line (see _next_line, _data_chunk), never
+        # per octet: a client dripping a byte now and then must still time out.
         if self.state is State.CLOSED:
             return
-        self.resetTimeout()  # type: ignore[no-untyped-call]
         self._buffer += data
         if self._waiting and len(self._buffer) > _MAX_PENDING_INPUT and not self._throttled:
             self._throttled = True
@@ -318,12 +338,14 @@ class SmtpServer(LineReceiver, TimeoutMixin):
     def _next_line(self) -> bool:
         """Take one line from the buffer; False when no whole line is there yet."""
         buf = self._buffer
-        end = buf.find(b"\r\n")
+        end, after = find_line_end(buf, bare_lf=self._parsing is Parsing.LENIENT)
+        if end >= 0:
+            self.resetTimeout()  # type: ignore[no-untyped-call]
         if self._discarding is not None:
             if end < 0:
                 self._buffer = b"\r" if buf.endswith(b"\r") else b""
                 return False
-            self._buffer = buf[end + 2 :]
+            self._buffer = buf[after:]
             kind, self._discarding = self._discarding, None
             self._line_too_long(kind)
             return True
@@ -333,7 +355,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
                 self._discarding = self._line_kind(buf)
                 self._buffer = b"\r" if buf.endswith(b"\r") else b""
             return False
-        line, self._buffer = buf[:end], buf[end + 2 :]
+        line, self._buffer = buf[:end], buf[after:]
         kind = self._line_kind(line)
         limit = MAX_AUTH_LINE if kind == "auth" else MAX_COMMAND_LINE
         if len(line) + 2 > limit:
@@ -356,7 +378,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
             self._guarded(self._auth_response, line)
             return
         try:
-            cmd = parse_command(line)
+            cmd = parse_command(line, self._parsing)
         except SmtpSyntaxError as e:
             if e.kind == "verb" and line.strip():
                 self._send(reply(500, "5.5.1", "Command unrecognized"))
@@ -608,18 +630,21 @@ class SmtpServer(LineReceiver, TimeoutMixin):
             result = step()
         except sasl.SaslError:
             self._end_exchange()
-            self._auth_failed("?")
+            self._auth_failed("", b"", "malformed")
             return
         if isinstance(result, sasl.Challenge):
             self._send(reply(334, None, sasl.encode_challenge(result.data).decode("ascii")))
             return
         self._end_exchange()
         login = result.username.decode("utf-8", "replace")
+        secret = _secret(result)
         d = self._portal.login(result, None, ISubmission)
-        self._wait(d, self._logged_in, lambda f: self._login_failed(f, login))
+        self._wait(d, self._logged_in, lambda f: self._login_failed(f, login, secret))
 
     def _logged_in(self, result: tuple[Any, Any, Callable[[], None]]) -> None:
         _, avatar, logout = result
+        if self._settings.throttle is not None:
+            self._settings.throttle.succeeded(self._peer_ip)  # the credentials were right
         if self.state is State.CLOSED:
             logout()
             return
@@ -631,9 +656,9 @@ class SmtpServer(LineReceiver, TimeoutMixin):
         _log.info("SMTP login user={user} peer={peer}", user=self._user, peer=self._peer_ip)
         self._send(reply(235, "2.7.0", "Authentication successful"))
 
-    def _login_failed(self, failure: Failure, login: str) -> None:
+    def _login_failed(self, failure: Failure, login: str, secret: bytes) -> None:
         if isinstance(failure.value, (UnauthorizedLogin, LoginFailed)):
-            self._auth_failed(login)
+            self._auth_failed(login, secret, "bad-credentials")
             return
         _log.failure(
             "SMTP authentication error peer={peer} login={login}",
@@ -643,14 +668,40 @@ class SmtpServer(LineReceiver, TimeoutMixin):
         )
         self._send(reply(454, "4.7.0", "Temporary authentication failure"))
 
-    def _auth_failed(self, login: str) -> None:
+    def _auth_failed(self, login: str, secret: bytes, reason: str) -> None:
+        """Log a failed login, tell the throttle, and reply once its delay has passed.
+
+        The delay holds every later pipelined line, like any reply waiting on a Deferred.
+        """
+        throttle = self._settings.throttle
+        if throttle is None:
+            _log.warn("{line}", line=failure_line("smtp", self._peer_ip, login, reason))
+            self._auth_failure_reply()
+            return
+        throttle.failed(self._peer_ip, login, throttle.fingerprint(secret))
+        throttle.log_failure("smtp", self._peer_ip, login, reason)
+        penalty = deferred_failure(self._clock, throttle.delay_for(self._peer_ip), None)
+        if penalty.called:
+            self._auth_failure_reply()
+            return
+        self._penalty = penalty
+        self._wait(penalty, self._penalty_over, self._penalty_cancelled)
+
+    def _penalty_over(self, _: None) -> None:
+        self._penalty = None
+        self._auth_failure_reply()
+
+    def _penalty_cancelled(self, failure: Failure) -> None:
+        if not isinstance(
+            failure.value, CancelledError
+        ):  # cancelled: the client left, nothing to say
+            _log.failure(
+                "SMTP delayed failure reply failed peer={peer}", failure, peer=self._peer_ip
+            )
+
+    def _auth_failure_reply(self) -> None:
+        """The failure reply; too many failures in one session end it."""
         self._failures += 1
-        _log.info(
-            "SMTP authentication failed peer={peer} login={login} failures={n}",
-            peer=self._peer_ip,
-            login=login,
-            n=self._failures,
-        )
         if self._failures >= self._settings.max_failures:
             self._send(reply(421, "4.7.0", "Too many authentication failures"))
             self._close()
@@ -669,7 +720,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
                 self._avatar = self._anonymous()
         assert self._avatar is not None
         try:
-            path = parse_path(arg, "FROM")
+            path = parse_path(arg, "FROM", strict=self._parsing is Parsing.STRICT)
             params = parse_mail_params(
                 path.params,
                 smtputf8_enabled=s.smtputf8,
@@ -715,7 +766,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
         s = self._settings
         assert self._avatar is not None
         try:
-            path = parse_path(arg, "TO")
+            path = parse_path(arg, "TO", strict=self._parsing is Parsing.STRICT)
             check_rcpt_params(path.params)
             if path.is_null:
                 raise SmtpSyntaxError("address", "Null recipient")
@@ -765,6 +816,8 @@ class SmtpServer(LineReceiver, TimeoutMixin):
 
     def _data_chunk(self, chunk: bytes) -> None:
         assert self._reader is not None
+        if b"\n" in chunk:
+            self.resetTimeout()  # type: ignore[no-untyped-call]  # a whole line arrived
         rest = self._reader.feed(chunk)
         if rest is not None:
             self._buffer = rest + self._buffer
@@ -876,6 +929,14 @@ class SmtpServer(LineReceiver, TimeoutMixin):
                 sink.abort()
             except Exception:
                 _log.failure("SMTP sink abort failed peer={peer}", peer=self._peer_ip)
+
+
+def _secret(credentials: sasl.Credentials) -> bytes:
+    """What the throttle fingerprints: the password, or the CRAM-MD5 digest."""
+    if isinstance(credentials, sasl.DigestResponse):
+        return credentials.response
+    password = getattr(credentials, "password", b"")
+    return password if isinstance(password, bytes) else str(password).encode("utf-8")
 
 
 def _build_table() -> dict[tuple[State, str], _Handler]:
