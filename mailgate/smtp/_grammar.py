@@ -101,7 +101,7 @@ def parse_command(line: bytes, parsing: Parsing = Parsing.NORMAL) -> Command:
     if parsing is Parsing.STRICT:
         verb, sep, arg = line.partition(b" ")
         spaced = not arg or arg[:1] == b" " or arg[-1:] == b" " or b"  " in arg
-        if b"\t" in line or (sep and spaced):
+        if b"\t" in line or line[:1] == b" " or (sep and spaced):
             raise SmtpSyntaxError("line", "Syntax error")
     else:
         verb, _, arg = line.strip(b" \t").partition(b" ")
