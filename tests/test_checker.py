@@ -10,10 +10,12 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from mailgate.auth.checker import PasswordChecker, plaintext_digests, plaintext_verify
 from mailgate.auth.passwords import hash_password, verify_password
+from mailgate.model import Address
 from mailgate.sasl import APOP, CRAM_MD5, DigestResponse
 from mailgate.testing import MemoryUserDatabase
 
@@ -120,3 +122,161 @@ class CheckerTests(unittest.TestCase):
         assert results == [b"tim@example.com"]
         expected = hmac.new(b"tanstaaftanstaaf", CRAM_CH, "md5").hexdigest().encode()
         assert expected == CRAM_DIGEST
+
+
+class CountingVerify:
+    """verify_password that counts real verifications (what the cache is there to save)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, stored: str, password: bytes) -> bool:
+        self.calls += 1
+        return verify_password(stored, password)
+
+
+class HeldRunner:
+    """A thread runner whose jobs wait until the test releases them, to observe the cap."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append((d, f, args))
+        return d
+
+    def release_one(self) -> None:
+        d, f, args = self.pending.pop(0)
+        d.callback(f(*args))
+
+
+class VerificationCacheTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.users = MemoryUserDatabase(
+            {
+                "ann@example.com": hash_password("right", "SSHA512"),
+                "bob@example.com": "{PLAIN}bobpw",
+            }
+        )
+        self.verify = CountingVerify()
+        self.checker = PasswordChecker(self.users, "example.com", self.verify, clock=self.clock)
+
+    def login(self, name: bytes, password: bytes, checker: PasswordChecker | None = None) -> Any:
+        results: list[Any] = []
+        (checker or self.checker).requestAvatarId(UsernamePassword(name, password)).addBoth(
+            results.append
+        )
+        assert len(results) == 1
+        if isinstance(results[0], bytes):
+            return results[0]
+        results[0].trap(UnauthorizedLogin)
+        return None
+
+    def test_success_is_cached_until_the_ttl(self) -> None:
+        assert self.login(b"ann", b"right") == b"ann@example.com"
+        assert self.login(b"ANN@example.com", b"right") == b"ann@example.com"
+        assert self.verify.calls == 1  # second login: no verification
+        self.clock.advance(299)
+        assert self.login(b"ann", b"right") == b"ann@example.com"
+        assert self.verify.calls == 1
+        self.clock.advance(2)  # 301 s after the verification: a hit does not extend it
+        assert self.login(b"ann", b"right") == b"ann@example.com"
+        assert self.verify.calls == 2
+
+    def test_failures_are_never_cached_and_wrong_password_misses(self) -> None:
+        assert self.login(b"ann", b"wrong") is None
+        assert self.login(b"ann", b"wrong") is None
+        assert self.verify.calls == 2
+        assert len(self.checker.cache) == 0
+        assert self.login(b"ann", b"right") == b"ann@example.com"
+        # A cached success never lets another password in.
+        assert self.login(b"ann", b"wrong") is None
+        assert self.login(b"ann", b"") is None
+
+    def test_password_change_misses_the_cache(self) -> None:
+        assert self.login(b"bob", b"bobpw") == b"bob@example.com"
+        self.users.passwords[Address("bob", "example.com")] = "{PLAIN}newpw"
+        assert self.login(b"bob", b"bobpw") is None
+        assert self.login(b"bob", b"newpw") == b"bob@example.com"
+        del self.users.passwords[Address("bob", "example.com")]
+        assert self.login(b"bob", b"newpw") is None
+
+    def test_cache_is_per_account(self) -> None:
+        self.users.passwords[Address("eve", "example.com")] = "{PLAIN}bobpw"
+        assert self.login(b"bob", b"bobpw") == b"bob@example.com"
+        assert self.login(b"eve", b"bobpw") == b"eve@example.com"
+        assert self.verify.calls == 2
+
+    def test_cache_keeps_no_password_and_is_bounded(self) -> None:
+        checker = PasswordChecker(self.users, "example.com", self.verify, cache_size=2)
+        for i in range(5):
+            self.users.passwords[Address(f"u{i}", "example.com")] = f"{{PLAIN}}pw{i}"
+            assert self.login(f"u{i}".encode(), f"pw{i}".encode(), checker) is not None
+        assert len(checker.cache) == 2
+        assert all(b"pw" not in key for key in checker.cache._entries)
+        calls = self.verify.calls
+        assert self.login(b"u4", b"pw4", checker) is not None  # most recent: kept
+        assert self.login(b"u0", b"pw0", checker) is not None  # oldest: evicted
+        assert self.verify.calls == calls + 1
+
+    def test_ttl_zero_disables_the_cache(self) -> None:
+        checker = PasswordChecker(self.users, "example.com", self.verify, cache_ttl=0)
+        self.login(b"bob", b"bobpw", checker)
+        self.login(b"bob", b"bobpw", checker)
+        assert self.verify.calls == 2
+
+    def test_concurrent_verifications_are_capped(self) -> None:
+        runner = HeldRunner()
+        checker = PasswordChecker(
+            self.users,
+            "example.com",
+            verify_password,
+            runner,
+            dummy_hash="{PLAIN}x",
+            max_verifications=2,
+            cache_ttl=0,
+        )
+        results: list[Any] = []
+        for name in (b"bob", b"ann", b"nobody", b"bob"):
+            pw = b"bobpw" if name == b"bob" else b"right"
+            checker.requestAvatarId(UsernamePassword(name, pw)).addBoth(results.append)
+        assert len(runner.pending) == 2  # two in the thread pool, two waiting
+        runner.release_one()
+        assert len(runner.pending) == 2  # a finished one lets the next in
+        runner.release_one()
+        runner.release_one()
+        assert len(runner.pending) == 1
+        runner.release_one()
+        assert runner.pending == []
+        assert results[0] == b"bob@example.com" and results[3] == b"bob@example.com"
+        assert results[1] == b"ann@example.com"
+        results[2].trap(UnauthorizedLogin)  # unknown user: dummy verification, still a failure
+
+    def test_a_verifier_error_releases_its_slot(self) -> None:
+        def broken(stored: str, password: bytes) -> bool:
+            raise RuntimeError("boom")
+
+        checker = PasswordChecker(self.users, "example.com", broken, max_verifications=1)
+        for _ in range(3):
+            results: list[Any] = []
+            checker.requestAvatarId(UsernamePassword(b"bob", b"bobpw")).addBoth(results.append)
+            assert len(results) == 1
+            results[0].trap(RuntimeError)
+
+
+def test_new_argon2_hashes_use_dovecots_parameters_and_old_ones_still_verify() -> None:
+    from argon2 import PasswordHasher, Type
+
+    from mailgate.auth.passwords import DUMMY_HASH
+
+    new = hash_password("pw", "ARGON2ID")
+    assert "$m=65536,t=3,p=1$" in new
+    assert "$m=32768,t=4,p=1$" in hash_password("pw", "ARGON2I")
+    # Unknown users cost what a newly set password costs.
+    assert DUMMY_HASH.split("$")[3] == new.split("$")[3]
+    old = "{ARGON2ID}" + PasswordHasher(type=Type.ID, parallelism=4).hash("pw")
+    assert "p=4" in old
+    assert verify_password(old, b"pw")
+    assert not verify_password(old, b"pw2")

@@ -29,16 +29,20 @@ import bcrypt
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import Argon2Error, InvalidHashError
 
-# argon2-cffi's defaults are RFC 9106's "low memory" recommendation (t=3, m=64 MiB, p=4).
-_ARGON2ID = PasswordHasher(type=Type.ID)
-_ARGON2I = PasswordHasher(type=Type.I)
+# New hashes use Dovecot 2.3's parameters (``doveadm pw -s ARGON2ID``: m=64 MiB, t=3, p=1;
+# ARGON2I: m=32 MiB, t=4, p=1). The total work is the same as argon2-cffi's default p=4,
+# but one lane is one thread: p=4 made each verification start 4 threads, oversubscribing
+# the cores under concurrent logins. Verification always follows the stored parameters,
+# so existing p=4 hashes keep working.
+_ARGON2ID = PasswordHasher(time_cost=3, memory_cost=65536, parallelism=1, type=Type.ID)
+_ARGON2I = PasswordHasher(time_cost=4, memory_cost=32768, parallelism=1, type=Type.I)
 
 # A hash of a random secret nobody knows, made with the same parameters as hash_password():
 # verifying against it costs what a real verification costs, so unknown users cannot be told
 # apart from wrong passwords by timing.
 DUMMY_HASH = (
-    "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=4$0+hCFT1Y1a41qUGVFEGhdQ"
-    "$7GmV1BrQFyUo4l2eSTzyatBv7DV8uUKkjEGC2Vz7WGs"
+    "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$K9ejP9ZViMSlV6xUMfZEeg"
+    "$iO6UfuPayfoz5aR8EU+Z30Dhp6u8KHWUBfrEi+wP2jQ"
 )
 
 DEFAULT_SCHEME = "ARGON2ID"
