@@ -165,8 +165,26 @@ class DataReader:
         self._after_crlf = True
         return True
 
+    def _slow(self, data: bytes, out: list[bytes]) -> int | None:
+        """The reference line loop over ``data`` (which never ends inside a CRLF); the
+        offset just after the terminator, or None when the data goes on."""
+        pos = 0
+        for m in _NEWLINE.finditer(data):
+            self._text(data[pos : m.start()], out)
+            pos = m.end()
+            if self._line_end(m.group(), out):
+                return pos
+        self._text(data[pos:], out)
+        return None
+
     def feed(self, data: bytes) -> bytes | None:
-        """Take the next chunk; None while the data goes on, else the bytes after the end."""
+        """Take the next chunk; None while the data goes on, else the bytes after the end.
+
+        The chunk is cut at every CRLF followed by a dot: the runs of plain CRLF text between
+        those points go through the fast path, and only a line starting with a dot (a
+        stuffed line or the terminator) takes the line loop. A chunk that holds a whole
+        message plus its terminator, the common case, is then mostly handled at C speed.
+        """
         if self.done:
             raise RuntimeError("DataReader fed after the end of data")
         if self._pending_cr:
@@ -177,22 +195,26 @@ class DataReader:
             data = data[:-1]
             self._pending_cr = True
         out: list[bytes] = []
-        if self._fast(data, out):
-            if out:
-                self._emit(b"".join(out))
-            return None
-        pos = 0
         rest: bytes | None = None
-        for m in _NEWLINE.finditer(data):
-            self._text(data[pos : m.start()], out)
-            pos = m.end()
-            if self._line_end(m.group(), out):
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._dot_held or (self._line_len == 0 and data[pos] == 0x2E):  # "."
+                # A line starting with a dot: the line loop, up to and with its line end.
+                m = _NEWLINE.search(data, pos)
+                cut = m.end() if m else size
+            else:
+                found = data.find(b"\r\n.", pos)
+                cut = size if found < 0 else found + 2
+                if self._fast(data[pos:cut], out):
+                    pos = cut
+                    continue
+            end = self._slow(data[pos:cut], out)
+            if end is not None:
                 self.done = True
-                rest = data[pos:] + (b"\r" if self._pending_cr else b"")
+                rest = data[pos + end :] + (b"\r" if self._pending_cr else b"")
                 self._pending_cr = False
                 break
-        else:
-            self._text(data[pos:], out)
+            pos = cut
         if out:
             self._emit(b"".join(out))
         return rest

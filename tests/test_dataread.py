@@ -231,3 +231,48 @@ def test_fast_path_agrees_with_line_loop(pieces: list[bytes], size: int, mode: s
     assert fast[2].size == slow.size
     if slow.status is DataStatus.OK:
         assert fast[0] == b"".join(out)
+
+
+class CountingReader(DataReader):
+    """Counts how often the per-piece slow path runs (the benchmark's 427,200 calls)."""
+
+    content_calls = 0
+
+    def _content(self, data: bytes, out: list[bytes]) -> None:
+        self.content_calls += 1
+        super()._content(data, out)
+
+
+_LINE = b"The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\r\n"
+
+
+def test_whole_message_with_terminator_in_one_chunk_takes_the_fast_path() -> None:
+    out: list[bytes] = []
+    reader = CountingReader(out.append)
+    body = b"Subject: x\r\n\r\n" + _LINE * 128
+    assert reader.feed(body + b".\r\nQUIT\r\n") == b"QUIT\r\n"
+    assert b"".join(out) == body.replace(b"\r\n", b"\n")
+    assert reader.content_calls <= 2  # not one per line
+    assert reader.size == len(body)
+
+
+def test_stuffed_lines_only_cost_their_own_line() -> None:
+    out: list[bytes] = []
+    reader = CountingReader(out.append)
+    body = (_LINE * 50 + b"..dot\r\n") * 4 + _LINE * 50
+    assert reader.feed(body + b".\r\n") == b""
+    assert b"".join(out) == body.replace(b"\r\n..", b"\r\n.").replace(b"\r\n", b"\n")
+    assert reader.content_calls <= 4 * 3 + 2
+
+
+def test_fast_path_in_tcp_sized_chunks() -> None:
+    out: list[bytes] = []
+    reader = CountingReader(out.append)
+    wire = (_LINE * 200) + b".\r\n"
+    chunks = [wire[i : i + 1460] for i in range(0, len(wire), 1460)]
+    rest = None
+    for chunk in chunks:
+        rest = reader.feed(chunk)
+    assert rest == b""
+    assert b"".join(out) == (_LINE * 200).replace(b"\r\n", b"\n")
+    assert reader.content_calls <= 2 * len(chunks)
