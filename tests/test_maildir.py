@@ -19,7 +19,7 @@ from twisted.trial import unittest
 from mailgate.errors import DeliveryError, MaildropInUse, MaildropUnavailable
 from mailgate.interfaces import IMaildrop
 from mailgate.model import Address, Envelope
-from mailgate.store.maildir import MaildirStore
+from mailgate.store.maildir import MEMORY_LIMIT, MaildirStore
 from mailgate.wire import encode_all
 from tests.test_store_contract import failure_of, run_sync, temp_dir
 
@@ -94,8 +94,8 @@ class DeliveryTests(MaildirTestCase):
         assert int(m.group(6)) == len(encode_all([data], stuff=False))
         assert (md / "new" / name).read_bytes() == data
         assert os.listdir(md / "tmp") == []
-        # The spool file is gone.
-        assert os.listdir(self.root / ".incoming") == []
+        # A small message never needed a spool file.
+        assert not (self.root / ".incoming").exists()
 
     def test_fsync_happens_in_finish_only(self) -> None:
         sink = self.store.open_delivery(Envelope(None, (ALICE, BOB)))
@@ -131,11 +131,51 @@ class DeliveryTests(MaildirTestCase):
 
     def test_abort_removes_spool_file(self) -> None:
         sink = self.store.open_delivery(Envelope(None, (ALICE,)))
-        sink.write(b"data\n")
+        sink.write(b"data\n" * (MEMORY_LIMIT // 5 + 1))
         assert len(os.listdir(self.root / ".incoming")) == 1
         sink.abort()
         assert os.listdir(self.root / ".incoming") == []
         assert not self.maildir().exists()
+
+    def test_small_message_touches_no_disk_before_finish(self) -> None:
+        sink = self.store.open_delivery(Envelope(None, (ALICE, BOB)))
+        for _ in range(MEMORY_LIMIT // 1000):
+            sink.write(b"x" * 999 + b"\n")
+        assert not self.root.exists()  # no spool file, no Maildir, nothing on the reactor
+        assert self.fsync.calls == 0
+        self.successResultOf(sink.finish())
+        data = (b"x" * 999 + b"\n") * (MEMORY_LIMIT // 1000)
+        (a,) = (self.maildir(ALICE) / "new").iterdir()
+        (b,) = (self.maildir(BOB) / "new").iterdir()
+        assert a.read_bytes() == b.read_bytes() == data
+        assert a.stat().st_ino == b.stat().st_ino  # one file, hard-linked
+        assert not (self.root / ".incoming").exists()
+        assert os.listdir(self.maildir(ALICE) / "tmp") == []
+
+    def test_small_message_aborted_leaves_nothing(self) -> None:
+        sink = self.store.open_delivery(Envelope(None, (ALICE,)))
+        sink.write(b"data\n")
+        sink.abort()
+        assert not self.root.exists()
+        failure_of(sink.finish(), DeliveryError)
+
+    def test_large_message_streams_to_a_spool_file(self) -> None:
+        chunk = b"y" * 4095 + b"\n"
+        sink = self.store.open_delivery(Envelope(None, (ALICE,)))
+        for i in range(MEMORY_LIMIT // len(chunk) * 3):
+            sink.write(chunk)
+            spooled = (
+                os.listdir(self.root / ".incoming") if (self.root / ".incoming").exists() else []
+            )
+            assert len(spooled) == (1 if (i + 1) * len(chunk) > MEMORY_LIMIT else 0)
+        self.successResultOf(sink.finish())
+        (name,) = os.listdir(self.maildir() / "new")
+        data = chunk * (MEMORY_LIMIT // len(chunk) * 3)
+        assert (self.maildir() / "new" / name).read_bytes() == data
+        wire = len(data) + data.count(b"\n")
+        assert name.endswith(f",S={len(data)},W={wire}")
+        assert os.listdir(self.root / ".incoming") == []
+        assert os.listdir(self.maildir() / "tmp") == []
 
     def test_io_failure_is_temporary_and_all_or_nothing(self) -> None:
         self.deliver(b"warm up\n", ALICE, BOB)  # create both Maildirs
@@ -162,9 +202,10 @@ class DeliveryTests(MaildirTestCase):
         assert "No space" not in str(err)  # no OS text towards the client
         logged = self.flushLoggedErrors(OSError)  # type: ignore[no-untyped-call]
         assert len(logged) == 1  # but it is logged for the admin
-        # Alice's copy was rolled back; the spool is clean.
+        # Alice's copy was rolled back; nothing is left in tmp/ either.
         assert set(os.listdir(self.maildir(ALICE) / "new")) == before
-        assert os.listdir(self.root / ".incoming") == []
+        assert os.listdir(self.maildir(ALICE) / "tmp") == []
+        assert os.listdir(self.maildir(BOB) / "tmp") == []
 
     def test_link_falls_back_to_copy(self) -> None:
         def no_link(src: Any, dst: Any) -> None:
@@ -423,3 +464,75 @@ class RealThreadTests(unittest.TestCase):
         drop = yield store.open_maildrop(ALICE)
         assert list(drop.messages) == []
         drop.release()
+
+
+class ScanCacheTests(MaildirTestCase):
+    def count_lstat(self) -> list[str]:
+        seen: list[str] = []
+        real = os.lstat
+
+        def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            seen.append(str(path))
+            return real(path, *args, **kwargs)
+
+        patch(self, os, "lstat", lstat)
+        return seen
+
+    def test_later_login_stats_no_message_and_keeps_the_uidlist(self) -> None:
+        for i in range(5):
+            self.deliver(b"m%d\n" % i)
+        first = self.open()
+        uids = [(m.uid, m.size, m.key) for m in first.messages]
+        first.release()
+        uidlist = self.maildir() / "mailgate-uidlist"
+        before = uidlist.stat()
+        seen = self.count_lstat()
+        again = self.open()
+        assert [(m.uid, m.size, m.key) for m in again.messages] == uids
+        again.release()
+        assert not [p for p in seen if "/cur/" in p]
+        after = uidlist.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+    def test_changes_by_another_process_are_seen(self) -> None:
+        for i in range(3):
+            self.deliver(b"m%d\n" % i)
+        drop = self.open()
+        uids = [m.uid for m in drop.messages]
+        drop.release()
+        other = self.make_store()  # another process: its own cache
+        drop = self.open(store=other)
+        self.successResultOf(drop.commit([1]))
+        sink = other.open_delivery(Envelope(None, (ALICE,)))
+        sink.write(b"m3\n")
+        self.successResultOf(sink.finish())
+        self.open(store=other).release()  # assigns UID 4 and rewrites the uidlist
+        drop = self.open()
+        assert [m.uid for m in drop.messages] == [uids[0], uids[2], uids[2][:8] + f"{4:08x}"]
+        with drop.open_message(2) as f:
+            assert f.read() == b"m3\n"
+        drop.release()
+        # A fresh store (no cache) agrees with the cached one.
+        fresh = self.open(store=self.make_store())
+        assert [m.uid for m in fresh.messages] == [uids[0], uids[2], uids[2][:8] + f"{4:08x}"]
+        fresh.release()
+
+    def test_foreign_file_in_cur_between_logins_is_examined(self) -> None:
+        self.deliver(b"one\n")
+        self.open().release()
+        self.drop_foreign("cur", "1700000000.foreign:2,S", b"a\nb\n")
+        (self.maildir() / "cur" / "subdir").mkdir()
+        drop = self.open()
+        assert [m.size for m in drop.messages] == [5, 4 + 2]
+        assert drop.messages[1].key.startswith("1700000000.foreign,S=4,W=6:2,")
+        drop.release()
+
+    def test_scan_cache_is_bounded(self) -> None:
+        store = MaildirStore(
+            str(self.root), run_sync, hostname="test.host", fsync=self.fsync, cache_messages=3
+        )
+        for who in (ALICE, BOB):
+            for i in range(2):
+                self.deliver(b"x%d\n" % i, who)
+            self.open(who, store=store).release()
+        assert len(store._states) == 1  # 2 + 2 messages exceed 3: the older is dropped

@@ -5,10 +5,12 @@ Layout: ``ROOT/<domain>/<local>/Maildir/{new,cur,tmp}`` plus, in each Maildir,
 Every message file name carries ``,S=<file size>,W=<wire size>`` so STAT/LIST never read a
 message, and the wire size is what RETR sends (CRLF line ends, before dot-stuffing).
 
-Delivery writes into a spool file under ``ROOT/.incoming`` (same filesystem), and only on
-``finish()``, in the thread runner, fsyncs it and hard-links it into each recipient's
-``tmp/`` then renames it into ``new/`` (the Maildir protocol), fsyncing the directories.
-Blocking work on the reactor thread is limited to buffered writes and opening files.
+Delivery keeps a message of up to MEMORY_LIMIT octets in memory; ``finish()``, in the thread
+runner, writes and fsyncs it in the first recipient's ``tmp/``, hard-links it into the other
+recipients' ``tmp/``, renames each into ``new/`` (the Maildir protocol) and fsyncs ``new/``.
+A larger message streams into a spool file under ``ROOT/.incoming`` (same filesystem),
+linked the same way on ``finish()``. Nothing touches the disk on the reactor thread except
+buffered writes to that spool file and opening it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import itertools
 import os
 import re
@@ -23,7 +26,9 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
@@ -51,6 +56,12 @@ SPOOL_NAME = ".incoming"
 
 # Process-wide, so two store instances in one process never produce the same name.
 _counter = itertools.count(1)
+
+#: A message up to this size is kept in memory until finish(); larger ones stream to a file.
+MEMORY_LIMIT = 64 * 1024
+
+#: Messages whose scan results a store keeps for later logins (about 300 bytes each).
+DEFAULT_CACHE_MESSAGES = 500_000
 
 _UNSAFE_CHARS = ("/", "\\", "%", "\x00")
 _SIZE_FIELD = re.compile(r",([SW])=(\d+)(?=,|$)")
@@ -106,20 +117,6 @@ def _delivery_order(base: str) -> tuple[int, int, int, str]:
     return (int(m.group(1)) if m else 0, 0, 0, base)
 
 
-def _delivered(base: str, st: os.stat_result) -> float:
-    """When a message arrived: the name's leading seconds (Maildir convention), else mtime.
-
-    POP3 EXPIRE ages messages from this; a name that claims a time in the future (clock
-    skew, a foreign writer) is not trusted over the file's own mtime.
-    """
-    m = _NAME_TIME.match(base)
-    if m:
-        secs = float(m.group(1))
-        if secs <= st.st_mtime + 86400:
-            return secs
-    return st.st_mtime
-
-
 def _is_candidate(name: str) -> bool:
     return not name.startswith(".") and "\n" not in name and "\r" not in name
 
@@ -135,12 +132,17 @@ class MaildirStore:
         *,
         hostname: str | None = None,
         fsync: Callable[[int], None] = os.fsync,
+        cache_messages: int = DEFAULT_CACHE_MESSAGES,
     ) -> None:
         self.root = os.path.abspath(root.path if isinstance(root, FilePath) else root)
         self.spool = os.path.join(self.root, SPOOL_NAME)
         self._run = run_in_thread
         self._host = _sanitised_host(hostname if hostname is not None else socket.gethostname())
         self._fsync = fsync
+        # Maildir -> its last scan (see _MaildirState), least recently used first.
+        self._states: OrderedDict[str, _MaildirState] = OrderedDict()
+        self._states_lock = threading.Lock()
+        self.cache_messages = cache_messages
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -183,6 +185,27 @@ class MaildirStore:
             f"{secs}.M{usecs}P{os.getpid()}Q{next(_counter)}.{self._host}"
             f",S={file_size},W={wire_size}"
         )
+
+    # -- scan cache (any thread: scans of different maildrops run concurrently) ----------
+
+    def _state_of(self, maildir: str) -> _MaildirState | None:
+        with self._states_lock:
+            state = self._states.get(maildir)
+            if state is not None:
+                self._states.move_to_end(maildir)
+            return state
+
+    def _remember(self, maildir: str, state: _MaildirState) -> None:
+        """Keep the scan for the next login, within ``cache_messages`` messages in all."""
+        with self._states_lock:
+            self._states.pop(maildir, None)
+            if len(state.messages) > self.cache_messages:
+                return
+            self._states[maildir] = state
+            total = sum(len(s.messages) for s in self._states.values())
+            while total > self.cache_messages:
+                _, dropped = self._states.popitem(last=False)
+                total -= len(dropped.messages)
 
     # -- IMailStore ----------------------------------------------------------------------
 
@@ -227,8 +250,61 @@ class MaildirStore:
         return MaildirMaildrop(self, maildir, fd, messages, address)
 
 
+#: What a scan learnt about one file of cur/: (base name, wire size, delivery time).
+_Entry = tuple[str, int, float]
+#: Identity of the uidlist file: any rewrite (a new inode by rename) or edit changes it.
+_Stamp = tuple[int, int, int, int]
+
+
+class _MaildirState:
+    """The last scan of one Maildir, reused by the next login only where still valid.
+
+    Nothing here is trusted blindly: cur/ is listed on every login (only names never seen
+    before are looked at), and the parsed uidlist is reused only while the file's
+    (inode, size, mtime, ctime) is unchanged, so another process's rewrite is always read.
+    """
+
+    __slots__ = ("by_name", "messages", "stamp", "state", "uids")
+
+    def __init__(
+        self,
+        by_name: dict[str, _Entry],
+        stamp: _Stamp | None,
+        state: tuple[int, int, dict[str, int]],
+        uids: dict[str, int],
+        messages: tuple[MessageInfo, ...],
+    ) -> None:
+        self.by_name = by_name
+        self.stamp = stamp
+        self.state = state
+        self.uids = uids
+        self.messages = messages
+
+
+def _stamp(path: str) -> _Stamp | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _wire_of(base: str) -> int | None:
+    """``,W=`` of a base name; the common name (W= last) without a regular expression."""
+    i = base.rfind(",W=")
+    if i >= 0:
+        digits = base[i + 3 :]
+        if digits.isdigit() and digits.isascii():
+            return int(digits)
+    return size_field(base, "W")
+
+
 class _Scanner:
-    """Moves new/ into cur/, fills in missing sizes and maintains the UID list."""
+    """Moves new/ into cur/, fills in missing sizes and maintains the UID list.
+
+    A later login costs one listing of cur/ plus work for what changed since the previous
+    scan by this store (no per-message stat or read: the ``,S=,W=`` name carries the sizes).
+    """
 
     def __init__(self, store: MaildirStore, maildir: str) -> None:
         self.store = store
@@ -236,76 +312,140 @@ class _Scanner:
         self.new = os.path.join(maildir, "new")
         self.cur = os.path.join(maildir, "cur")
 
-    def _regular(self, path: str) -> os.stat_result | None:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return None
-        return st if stat.S_ISREG(st.st_mode) else None
-
-    def _with_sizes(self, path: str, base: str, file_size: int) -> str:
+    def _with_sizes(self, path: str, base: str) -> str:
         """Append ``,S=``/``,W=`` to a foreign name that lacks W= (reads the file once)."""
-        if size_field(base, "W") is not None:
+        if _wire_of(base) is not None:
             return base
         with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
             wire = wire_size_of_file(f)
         if size_field(base, "S") is None:
             base += f",S={file_size}"
         return base + f",W={wire}"
 
-    def _rename_free(self, src: str, base: str, info: str) -> tuple[str, str]:
-        """Rename into cur/ without ever overwriting an existing file."""
+    def _rename_free(self, src: str, base: str, info: str, taken: set[str]) -> tuple[str, str]:
+        """Rename into cur/ without ever overwriting an existing file.
+
+        ``taken`` is the listing of cur/ made under the session lock, kept up to date:
+        only a program ignoring the lock could add a name meanwhile, and it would have to
+        pick the very same base name.
+        """
         candidate = base
         while True:
             name = f"{candidate}:{info}"
-            target = os.path.join(self.cur, name)
-            if not os.path.lexists(target):
-                os.rename(src, target)
+            if name not in taken:
+                os.rename(src, f"{self.cur}/{name}")
+                taken.add(name)
                 return candidate, name
             candidate = f"{base}.Q{next(_counter)}"
 
+    def _delivered(self, base: str, path: str, now: float) -> float:
+        """The name's leading seconds (Maildir convention) unless they claim the future."""
+        m = _NAME_TIME.match(base)
+        if m:
+            secs = float(m.group(1))
+            if secs <= now + 86400:
+                return secs
+        try:
+            return os.lstat(path).st_mtime
+        except OSError:
+            return now
+
+    def _regular_names(self, directory: str) -> list[str]:
+        """Candidate names of regular files, from the directory's d_type (no stat)."""
+        with os.scandir(directory) as it:
+            return [
+                e.name for e in it if _is_candidate(e.name) and e.is_file(follow_symlinks=False)
+            ]
+
     def scan(self) -> list[MessageInfo]:
+        store = self.store
+        cached = store._state_of(self.maildir)
+        now = time.time()
         moved = False
-        for name in sorted(os.listdir(self.new), key=_delivery_order):
-            path = os.path.join(self.new, name)
-            st = self._regular(path) if _is_candidate(name) else None
-            if st is None:
-                continue
+        arrivals = self._regular_names(self.new)
+        if cached is None:
+            names = self._regular_names(self.cur)
+            taken = set(os.listdir(self.cur)) if arrivals else set(names)
+        else:
+            listed = os.listdir(self.cur)
+            taken = set(listed)
+            names = [n for n in listed if n in cached.by_name or self._is_regular(n)]
+        for name in arrivals:
+            path = f"{self.new}/{name}"
             base, sep, info = name.partition(":")
-            self._rename_free(path, self._with_sizes(path, base, st.st_size), info if sep else "2,")
+            try:
+                sized = self._with_sizes(path, base)
+                _, final = self._rename_free(path, sized, info if sep else "2,", taken)
+            except FileNotFoundError:
+                continue  # taken away meanwhile by another program
+            names.append(final)
             moved = True
-        # base -> (file name in cur, wire size, delivery time)
-        entries: dict[str, tuple[str, int, float]] = {}
-        for name in os.listdir(self.cur):
-            path = os.path.join(self.cur, name)
-            st = self._regular(path) if _is_candidate(name) else None
-            if st is None:
-                continue
-            base, sep, info = name.partition(":")
-            wire = size_field(base, "W")
-            if wire is None:
-                sized = self._with_sizes(path, base, st.st_size)
-                base, name = self._rename_free(path, sized, info if sep else "2,")
-                wire = size_field(base, "W")
-                assert wire is not None
-                moved = True
+        entries: dict[str, _Entry] = {}
+        by_name: dict[str, _Entry] = {}
+        known = cached.by_name if cached is not None else {}
+        for name in names:
+            entry = known.get(name)
+            if entry is None:
+                path = f"{self.cur}/{name}"
+                base, sep, info = name.partition(":")
+                wire = _wire_of(base)
+                if wire is None:
+                    sized = self._with_sizes(path, base)
+                    base, name = self._rename_free(path, sized, info if sep else "2,", taken)
+                    path = os.path.join(self.cur, name)
+                    wire = _wire_of(base)
+                    assert wire is not None
+                    moved = True
+                entry = (base, wire, self._delivered(base, path, now))
+            base = entry[0]
             if base in entries:
-                _log.warn("duplicate maildir message {name} ignored", name=path)
+                _log.warn("duplicate maildir message {name} ignored", name=name)
                 continue
-            entries[base] = (name, wire, _delivered(base, st))
+            entries[base] = entry
+            by_name[name] = entry
         if moved:
-            self.store.fsync_dir(self.cur)
-            self.store.fsync_dir(self.new)
-        validity, uids = UidList(self.maildir, self.store).assign(entries)
-        return [
-            MessageInfo(
-                f"{validity:08x}{uid:08x}",
-                entries[base][1],
-                entries[base][0],
-                delivered=entries[base][2],
+            store.fsync_dir(self.cur)
+            store.fsync_dir(self.new)
+        uidlist = UidList(self.maildir, store)
+        stamp = _stamp(uidlist.path)
+        state = cached.state if cached is not None and stamp == cached.stamp else None
+        validity, uids, written = uidlist.assign_cached(entries, state, stamp)
+        if written:
+            stamp = _stamp(uidlist.path)
+        if (
+            cached is not None
+            and not moved
+            and not written
+            and state is not None
+            and uids == cached.uids
+            and by_name.keys() == cached.by_name.keys()
+        ):
+            messages = cached.messages  # nothing changed since the last scan
+        else:
+            messages = tuple(
+                MessageInfo(
+                    f"{validity:08x}{uid:08x}",
+                    entries[base][1],
+                    name,
+                    delivered=entries[base][2],
+                )
+                for name, base, uid in sorted(
+                    ((name, e[0], uids[e[0]]) for name, e in by_name.items()),
+                    key=lambda item: item[2],
+                )
             )
-            for base, uid in sorted(uids.items(), key=lambda item: item[1])
-        ]
+        new_state = (validity, uidlist.last_next_uid, uids)
+        store._remember(self.maildir, _MaildirState(by_name, stamp, new_state, uids, messages))
+        return list(messages)
+
+    def _is_regular(self, name: str) -> bool:
+        if not _is_candidate(name):
+            return False
+        try:
+            return stat.S_ISREG(os.lstat(os.path.join(self.cur, name)).st_mode)
+        except FileNotFoundError:
+            return False
 
 
 class UidList:
@@ -319,6 +459,7 @@ class UidList:
         self.path = os.path.join(maildir, UIDLIST_NAME)
         self.maildir = maildir
         self.store = store
+        self.last_next_uid = 1
 
     def read(self) -> tuple[int, int, dict[str, int]] | None:
         """(validity, next uid, base -> uid); None when missing. ValueError when corrupt."""
@@ -332,16 +473,16 @@ class UidList:
             raise ValueError("bad header")
         validity, next_uid = int(m.group(1)), int(m.group(2))
         known: dict[str, int] = {}
-        seen: set[int] = set()
         for line in lines[1:]:
             if not line:
                 continue
             uid_text, _, base = line.partition(" ")
             uid = int(uid_text)
-            if not base or uid < 1 or uid >= next_uid or uid in seen or base in known:
+            if not base or uid < 1 or uid >= next_uid or base in known:
                 raise ValueError("bad entry")
-            seen.add(uid)
             known[base] = uid
+        if len(set(known.values())) != len(known):
+            raise ValueError("duplicate uid")
         return validity, next_uid, known
 
     def _old_validity(self) -> int:
@@ -366,13 +507,25 @@ class UidList:
 
     def assign(self, entries: dict[str, Any]) -> tuple[int, dict[str, int]]:
         """Give every present base a UID (new ones in delivery order); persist if changed."""
+        validity, uids, _ = self.assign_cached(entries, None, None)
+        return validity, uids
+
+    def assign_cached(
+        self,
+        entries: dict[str, Any],
+        state: tuple[int, int, dict[str, int]] | None,
+        stamp: _Stamp | None,
+    ) -> tuple[int, dict[str, int], bool]:
+        """:meth:`assign` starting from an already parsed, still valid ``state`` if given;
+        also says whether the file was rewritten."""
         floor = 0
-        try:
-            state = self.read()
-        except (ValueError, UnicodeDecodeError):
-            _log.error("corrupt {path}: starting a new UID validity", path=self.path)
-            state = None
-            floor = self._old_validity() + 1
+        if state is None:
+            try:
+                state = self.read()
+            except (ValueError, UnicodeDecodeError):
+                _log.error("corrupt {path}: starting a new UID validity", path=self.path)
+                state = None
+                floor = self._old_validity() + 1
         known: dict[str, int]
         if state is None:
             validity, next_uid, known = max(int(time.time()), floor), 1, {}
@@ -380,15 +533,19 @@ class UidList:
         else:
             validity, next_uid, known = state
             changed = False
-        uids = {base: uid for base, uid in known.items() if base in entries}
-        changed = changed or len(uids) != len(known)
-        for base in sorted(entries.keys() - uids.keys(), key=_delivery_order):
-            uids[base] = next_uid
-            next_uid += 1
-            changed = True
+        if len(known) == len(entries) and known.keys() == entries.keys():
+            uids = known
+        else:
+            uids = {base: uid for base, uid in known.items() if base in entries}
+            changed = changed or len(uids) != len(known)
+            for base in sorted(entries.keys() - uids.keys(), key=_delivery_order):
+                uids[base] = next_uid
+                next_uid += 1
+                changed = True
+        self.last_next_uid = next_uid
         if changed:
             self.write(validity, next_uid, uids)
-        return validity, uids
+        return validity, uids, changed
 
 
 @implementer(IMaildrop)
@@ -479,6 +636,22 @@ class MaildirMaildrop:
         self.release()
 
 
+def _write_new_file(path: str, data: bytes, fsync: Callable[[int], None]) -> None:
+    """Create ``path`` (never overwriting), write ``data`` and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
 @implementer(IMessageSink)
 class MaildirDelivery:
     """One message being delivered into the Maildirs of the envelope's recipients.
@@ -500,6 +673,8 @@ class MaildirDelivery:
         self._last = b""
         self._saw_cr = False
         self._finished = False
+        # Small messages stay in memory and reach the disk in one thread hop in finish().
+        self._buffer: list[bytes] | None = []
         self._targets: list[str] = []
         try:
             seen: set[Address] = set()
@@ -511,12 +686,6 @@ class MaildirDelivery:
             _log.warn("refusing delivery to an unsafe mailbox name")
             self._error = DeliveryError("Recipient mailbox name not acceptable", permanent=True)
             return
-        try:
-            os.makedirs(store.spool, mode=0o700, exist_ok=True)
-            fd, self._path = tempfile.mkstemp(prefix=self.queue_id + ".", dir=store.spool)
-            self._file = os.fdopen(fd, "wb")
-        except OSError as e:
-            self._fail_io("cannot create spool file", e)
 
     def _fail_io(self, what: str, e: OSError) -> None:
         _log.error("{what} for {queue_id}: {error}", what=what, queue_id=self.queue_id, error=e)
@@ -524,6 +693,7 @@ class MaildirDelivery:
         self._discard()
 
     def _discard(self) -> None:
+        self._buffer = None
         f, self._file = self._file, None
         path, self._path = self._path, None
         if f is not None:
@@ -533,11 +703,27 @@ class MaildirDelivery:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
+    def _spill(self) -> None:
+        """The message outgrew the buffer: stream it to a spool file from now on.
+
+        This is the one open on the reactor thread, and only for large messages."""
+        os.makedirs(self._store.spool, mode=0o700, exist_ok=True)
+        fd, self._path = tempfile.mkstemp(prefix=self.queue_id + ".", dir=self._store.spool)
+        self._file = os.fdopen(fd, "wb")
+        buffered, self._buffer = self._buffer or [], None
+        self._file.write(b"".join(buffered))
+
     def write(self, data: bytes) -> None:
-        if self._file is None or self._error is not None or not data:
+        if self._error is not None or self._finished or not data:
             return
         try:
-            self._file.write(data)
+            if self._buffer is not None and self._size + len(data) <= MEMORY_LIMIT:
+                self._buffer.append(data)
+            else:
+                if self._file is None:
+                    self._spill()
+                assert self._file is not None
+                self._file.write(data)
         except OSError as e:
             self._fail_io("cannot write spool file", e)
             return
@@ -556,12 +742,20 @@ class MaildirDelivery:
         if self._finished:
             return fail(DeliveryError("message already finished", permanent=False))
         self._finished = True
-        if self._error is not None or self._file is None or self._path is None:
+        if self._error is not None:
             self._discard()
-            return fail(self._error or DeliveryError("delivery aborted", permanent=False))
-        f, path = self._file, self._path
-        self._file = self._path = None
-        d: Deferred[str] = self._run(self._finish_blocking, f, path, self._wire_size())
+            return fail(self._error)
+        d: Deferred[str]
+        if self._buffer is not None:
+            data, self._buffer = b"".join(self._buffer), None
+            d = self._run(self._finish_small_blocking, data, self._wire_size())
+        elif self._file is not None and self._path is not None:
+            f, path = self._file, self._path
+            self._file = self._path = None
+            d = self._run(self._finish_blocking, f, path, self._wire_size())
+        else:
+            self._discard()
+            return fail(DeliveryError("delivery aborted", permanent=False))
 
         def failed(reason: Failure) -> Failure:
             if isinstance(reason.value, OSError):
@@ -596,7 +790,6 @@ class MaildirDelivery:
                 os.rename(tmp_target, final)
                 delivered.append(final)
                 store.fsync_dir(os.path.join(maildir, "new"))
-                store.fsync_dir(os.path.join(maildir, "tmp"))
         except BaseException:
             # All or nothing: the client will retry, so do not leave partial deliveries.
             for final in delivered:
@@ -608,6 +801,44 @@ class MaildirDelivery:
                 f.close()
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        return self.queue_id
+
+    def _finish_small_blocking(self, data: bytes, wire: int) -> str:
+        """A buffered message: written straight into the first recipient's tmp/, fsynced,
+        hard-linked (from the first copy) into the others' tmp/, renamed into each new/ and
+        new/ fsynced, all in this one thread hop. Nothing is acknowledged before every new/
+        is durable."""
+        store = self._store
+        if self._saw_cr:  # not LF-only text after all: measure exactly as RETR will send
+            wire = wire_size_of_file(io.BytesIO(data))
+        first: str | None = None
+        staged: list[str] = []
+        delivered: list[str] = []
+        try:
+            for maildir in self._targets:
+                store.ensure_maildir(maildir)
+                name = store.unique_name(len(data), wire)
+                tmp_target = os.path.join(maildir, "tmp", name)
+                if first is None:
+                    _write_new_file(tmp_target, data, store._fsync)
+                else:
+                    try:
+                        os.link(first, tmp_target)
+                    except OSError:
+                        _write_new_file(tmp_target, data, store._fsync)
+                staged.append(tmp_target)
+                final = os.path.join(maildir, "new", name)
+                os.rename(tmp_target, final)
+                staged.pop()
+                delivered.append(final)
+                first = first or final
+                store.fsync_dir(os.path.join(maildir, "new"))
+        except BaseException:
+            # All or nothing: the client will retry, so do not leave partial deliveries.
+            for path in delivered + staged:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
         return self.queue_id
 
     def abort(self) -> None:
