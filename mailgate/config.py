@@ -33,6 +33,32 @@ DEFAULT_LISTENERS: tuple[tuple[str, str, str], ...] = (
 
 
 FAULT_ACTIONS = ("delay", "error", "drop")
+PARSING_MODES = ("normal", "strict", "lenient")
+SASL_NAMES = ("PLAIN", "LOGIN", "CRAM-MD5")
+# Capability profile switches per protocol (all booleans unless named in _PROFILE_SPECIAL).
+PROFILE_KEYS: dict[str, tuple[str, ...]] = {
+    "pop3": (
+        "stls",
+        "apop",
+        "sasl",
+        "user",
+        "top",
+        "uidl",
+        "pipelining",
+        "xtnd",
+        "resp_codes",
+        "parsing",
+    ),
+    "submission": (
+        "pipelining",
+        "eightbitmime",
+        "size",
+        "enhancedstatuscodes",
+        "starttls",
+        "sasl",
+        "parsing",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -66,6 +92,8 @@ class Listener:
     #: Record every session's wire transcript under STATE_DIR/transcripts (mailgate.lab).
     transcripts: bool = False
     faults: tuple[FaultRule, ...] = ()
+    #: Capability profile switches (key, value), e.g. (("stls", False), ("parsing", "strict")).
+    profile: tuple[tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
@@ -81,6 +109,24 @@ class Pop3Config:
     xtnd_xmit_require_tls: bool = False
     xtnd_advertise: bool = False
     xtnd_xlst: bool = False
+    #: Offer APOP (and CRAM-MD5) when some account's scheme keeps a plaintext-equivalent secret.
+    apop: bool = True
+    #: RFC 2449 LOGIN-DELAY seconds, enforced per account (None: not advertised).
+    login_delay: int | None = None
+    #: RFC 2449 EXPIRE days, or "NEVER" (None: not advertised, nothing expires).
+    expire: int | str | None = None
+    #: SDPS ``*ENV`` command (lab only).
+    sdps_env: bool = False
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-listener, per-process connection bounds and the slow-client watchdog."""
+
+    max_connections: int = 1000
+    max_per_peer: int = 20
+    line_time: float = 60.0
+    min_rate: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +169,13 @@ class SmtpConfig:
 @dataclass(frozen=True)
 class AuthConfig:
     max_failures: int = 3
+    #: Failure-reply delay per client address: first, doubling up to cap (Dovecot's anvil).
+    throttle_first: float = 2.0
+    throttle_cap: float = 15.0
+    #: Seconds without a failure after which an address is forgotten.
+    throttle_forget: float = 900.0
+    #: Networks never delayed; None means "the trusted networks".
+    throttle_exempt: tuple[Network, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +197,7 @@ class Config:
     submission: SubmissionConfig = SubmissionConfig()
     relay: RelayConfig = RelayConfig()
     queue: QueueConfig = QueueConfig()
+    limits: LimitsConfig = LimitsConfig()
     #: True when no config file was given: the demo account may be created.
     embedded_defaults: bool = True
     #: Processes serving the listeners (the master plus workers-1 children); see workers.py.
@@ -311,8 +365,11 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
                 _fault_rule(source, f"{sec.key('faults')}[{j}].", rule, proto)
                 for j, rule in enumerate(raw_faults)
             )
+            profile = _profile(sec.sub("profile"), proto)
             sec.done()
-            listeners.append(Listener(proto, endpoint, mode, xmit, lab, transcripts, faults))
+            listeners.append(
+                Listener(proto, endpoint, mode, xmit, lab, transcripts, faults, profile)
+            )
 
     pop3 = top.sub("pop3")
     pop3_cfg = Pop3Config(
@@ -321,8 +378,21 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         xtnd_xmit_require_tls=pop3.take("xtnd_xmit_require_tls", bool, False),
         xtnd_advertise=pop3.take("xtnd_advertise", bool, False),
         xtnd_xlst=pop3.take("xtnd_xlst", bool, False),
+        apop=pop3.take("apop", bool, True),
+        login_delay=_optional_int(pop3, "login_delay", minimum=0),
+        expire=_expire(pop3),
+        sdps_env=pop3.take("sdps_env", bool, False),
     )
     pop3.done()
+
+    limits = top.sub("limits")
+    limits_cfg = LimitsConfig(
+        max_connections=int(limits.positive("max_connections", 1000)),
+        max_per_peer=int(limits.positive("max_per_peer", 20)),
+        line_time=float(limits.positive("line_time", 60.0)),
+        min_rate=float(limits.positive("min_rate", 100.0, minimum=0)),
+    )
+    limits.done()
 
     submission = top.sub("submission")
     submission_cfg = SubmissionConfig(enforce_from=submission.take("enforce_from", bool, False))
@@ -366,7 +436,20 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
     smtp.done()
 
     auth = top.sub("auth")
-    auth_cfg = AuthConfig(max_failures=int(auth.positive("max_failures", 3)))
+    exempt = auth.take("throttle_exempt", list, None)
+    auth_cfg = AuthConfig(
+        max_failures=int(auth.positive("max_failures", 3)),
+        throttle_first=float(auth.positive("throttle_first", 2.0, minimum=0)),
+        throttle_cap=float(auth.positive("throttle_cap", 15.0, minimum=0)),
+        throttle_forget=float(auth.positive("throttle_forget", 900.0)),
+        throttle_exempt=(
+            None
+            if exempt is None
+            else parse_networks([str(x) for x in exempt], f"{source}: auth.throttle_exempt")
+        ),
+    )
+    if auth_cfg.throttle_cap < auth_cfg.throttle_first:
+        raise auth.error("throttle_cap", "must be at least throttle_first")
     auth.done()
     top.done()
 
@@ -389,6 +472,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         submission=submission_cfg,
         relay=relay_cfg,
         queue=queue_cfg,
+        limits=limits_cfg,
         embedded_defaults=False,
         workers=workers,
         shutdown_grace=shutdown_grace,
@@ -457,6 +541,45 @@ def _host_port(value: str, where: str) -> tuple[str, int]:
     if not 0 < number < 65536:
         raise ConfigError(f"{where}: {value!r}: port out of range")
     return host, number
+
+
+def _optional_int(sec: _Section, name: str, minimum: int) -> int | None:
+    value = sec.take(name, int, None)
+    if value is not None and value < minimum:
+        raise sec.error(name, f"must be at least {minimum}")
+    return value  # type: ignore[no-any-return]
+
+
+def _expire(sec: _Section) -> int | str | None:
+    value = sec.take("expire", (int, str), None)
+    if isinstance(value, str) and value != "NEVER":
+        raise sec.error("expire", 'a number of days or "NEVER"')
+    if isinstance(value, int) and value < 0:
+        raise sec.error("expire", "must be at least 0")
+    return value  # type: ignore[no-any-return]
+
+
+def _profile(sec: _Section, protocol: str) -> tuple[tuple[str, Any], ...]:
+    """A listener's capability profile table, checked key by key."""
+    allowed = PROFILE_KEYS[protocol]
+    out: list[tuple[str, Any]] = []
+    for name in list(sec.data):
+        if name not in allowed:
+            raise sec.error(name, f"unknown key (a {protocol} profile has: {', '.join(allowed)})")
+        if name == "parsing":
+            out.append((name, sec.choice(name, PARSING_MODES, "normal")))
+        elif name == "sasl":
+            mechs = [m.upper() for m in _strings(sec, name, [])]
+            bad = [m for m in mechs if m not in SASL_NAMES]
+            if bad:
+                raise sec.error(
+                    name, f"unknown mechanism {bad[0]} (known: {', '.join(SASL_NAMES)})"
+                )
+            out.append((name, tuple(mechs)))
+        else:
+            out.append((name, sec.take(name, bool, True)))
+    sec.done()
+    return tuple(out)
 
 
 def _strings(sec: _Section, name: str, default: list[str]) -> list[str]:

@@ -30,6 +30,7 @@ from typing import Any, cast
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
     IProtocol,
     IProtocolFactory,
@@ -369,7 +370,7 @@ def guard(
     *,
     refuse_reply: bytes,
     timeout_reply: bytes = b"",
-    tls_context: IOpenSSLServerConnectionCreator | None = None,
+    tls_context: IOpenSSLServerConnectionCreator | IOpenSSLContextFactory | None = None,
 ) -> IProtocolFactory:
     """Wrap a listener's protocol factory: watchdog inside, [implicit TLS], limiter outside.
 

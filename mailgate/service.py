@@ -28,23 +28,33 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgate import demo, tls
 from mailgate.auth.checker import PasswordChecker
-from mailgate.auth.passwords import DUMMY_HASH, hash_password, verify_password
+from mailgate.auth.passwords import (
+    DUMMY_HASH,
+    hash_password,
+    supports_apop,
+    supports_cram_md5,
+    verify_password,
+)
+from mailgate.auth.throttle import AuthThrottle
 from mailgate.auth.userdb import UserFile
 from mailgate.config import Config, Listener, network_predicate, read_auth_file
 from mailgate.errors import ConfigError
+from mailgate.interfaces import ThreadRunner
+from mailgate.lab.faults import FaultFactory, FaultPolicy
+from mailgate.lab.transcript import TranscriptFactory, TranscriptStore
+from mailgate.limits import POP3_REFUSAL, LimitSettings, guard, smtp_line_timeout, smtp_refusal
 from mailgate.model import Address, Envelope
-from mailgate.pop3.server import Pop3Factory, Pop3Settings
+from mailgate.pop3.server import Pop3Factory, Pop3Profile, Pop3Settings
 from mailgate.queue.runner import QueueRunner, QueueSettings
 from mailgate.queue.spool import Spool
 from mailgate.realm import MailRealm
 from mailgate.relay.client import SmtpRelay
-from mailgate.smtp.server import SmtpFactory, SmtpSettings
+from mailgate.smtp.server import SmtpFactory, SmtpProfile, SmtpSettings
 from mailgate.store.maildir import MaildirStore
 from mailgate.workers import WorkerPool, bind_socket, tcp_address, worker_command
 
@@ -366,6 +376,145 @@ def _resolver(reactor: Any, servers: tuple[tuple[str, int], ...]) -> Any:
     return client.Resolver(servers=list(servers), reactor=reactor)  # type: ignore[no-untyped-call]
 
 
+class _Wiring:
+    """Builds each listener's protocol factory and the wrappers around it.
+
+    Order, inside out: protocol, lab fault injection, lab transcripts, slow-client watchdog,
+    implicit TLS, connection limiter (see mailgate.limits.guard). Faults sit inside
+    transcripts so injected replies are recorded; all of them see plaintext.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        portal: Portal,
+        realm: MailRealm,
+        users: UserFile,
+        context: ReloadableContext,
+        allow_plaintext: Callable[[str], bool],
+        trusted: Callable[[str], bool],
+        clock: IReactorTime,
+        run_in_thread: ThreadRunner,
+    ) -> None:
+        self.config = config
+        self.portal = portal
+        self.realm = realm
+        self.context = context
+        self.allow_plaintext = allow_plaintext
+        self.trusted = trusted
+        self.clock = clock
+        auth = config.auth
+        exempt = auth.throttle_exempt
+        self.throttle = AuthThrottle(
+            clock,
+            exempt=trusted if exempt is None else network_predicate(exempt),
+            first=auth.throttle_first,
+            cap=auth.throttle_cap,
+            forget_after=auth.throttle_forget,
+        )
+        self.apop_available = (
+            (lambda: users.any_hash(supports_apop)) if config.pop3.apop else (lambda: False)
+        )
+        self.cram_md5_available = (
+            (lambda: users.any_hash(supports_cram_md5)) if config.pop3.apop else (lambda: False)
+        )
+        self.limits = LimitSettings(
+            max_total=config.limits.max_connections,
+            max_per_peer=config.limits.max_per_peer,
+            line_time=config.limits.line_time,
+            min_rate=config.limits.min_rate,
+        )
+        self._transcripts: TranscriptStore | None = None
+        self._run_in_thread = run_in_thread
+
+    def transcripts(self) -> TranscriptStore:
+        if self._transcripts is None:
+            self._transcripts = TranscriptStore(
+                self.config.state_dir / "transcripts", self.clock, self._run_in_thread
+            )
+        return self._transcripts
+
+    def factory_for(self, listener: Listener) -> IProtocolFactory:
+        factory: IProtocolFactory
+        try:
+            if listener.protocol == "pop3":
+                factory = Pop3Factory(self.portal, self.pop3_settings(listener), self.clock)
+            else:
+                factory = SmtpFactory(
+                    self.portal,
+                    self.smtp_settings(listener),
+                    self.clock,
+                    anonymous=lambda: self.realm.submission_for(None),
+                )
+        except ValueError as e:
+            raise ConfigError(f"{listener.name} listener {listener.endpoint}: {e}") from None
+        if listener.faults:  # the config guarantees listener.lab
+            factory = FaultFactory(factory, FaultPolicy(listener.faults, self.clock), listener.name)
+        if listener.transcripts:
+            factory = TranscriptFactory(factory, self.transcripts(), listener.name)
+        host = self.config.hostname
+        pop3 = listener.protocol == "pop3"
+        return guard(
+            factory,
+            self.limits,
+            self.clock,
+            refuse_reply=POP3_REFUSAL if pop3 else smtp_refusal(host),
+            timeout_reply=b"" if pop3 else smtp_line_timeout(host),
+            tls_context=self.context if listener.tls == "implicit" else None,
+        )
+
+    def pop3_settings(self, listener: Listener) -> Pop3Settings:
+        config = self.config
+        return Pop3Settings(
+            hostname=config.hostname,
+            timeout=config.pop3.timeout,
+            tls_context=self.context if listener.tls != "none" else None,
+            implicit_tls=listener.tls == "implicit",
+            allow_plaintext=self.allow_plaintext,
+            max_failures=config.auth.max_failures,
+            xtnd_xmit=config.pop3.xtnd_xmit if listener.xtnd_xmit is None else listener.xtnd_xmit,
+            xtnd_xmit_require_tls=config.pop3.xtnd_xmit_require_tls,
+            xtnd_advertise=config.pop3.xtnd_advertise,
+            xtnd_xlst=config.pop3.xtnd_xlst,
+            # XTND XMIT follows exactly the submission rules.
+            default_domain=config.default_domain,
+            max_size=config.smtp.max_size,
+            max_recipients=config.smtp.max_recipients,
+            bare_newline=config.smtp.bare_newline,
+            long_lines=config.smtp.long_lines,
+            enforce_from=config.submission.enforce_from,
+            profile=Pop3Profile(**dict(listener.profile)),
+            apop_available=self.apop_available,
+            cram_md5_available=self.cram_md5_available,
+            login_delay=config.pop3.login_delay,
+            expire=config.pop3.expire,
+            sdps_env=config.pop3.sdps_env,
+            throttle=self.throttle,
+        )
+
+    def smtp_settings(self, listener: Listener) -> SmtpSettings:
+        config = self.config
+        return SmtpSettings(
+            hostname=config.hostname,
+            timeout=config.smtp.timeout,
+            tls_context=self.context if listener.tls != "none" else None,
+            implicit_tls=listener.tls == "implicit",
+            require_tls=config.smtp.require_tls and listener.tls != "none",
+            allow_plaintext=self.allow_plaintext,
+            trusted=self.trusted,
+            default_domain=config.default_domain,
+            max_size=config.smtp.max_size,
+            max_recipients=config.smtp.max_recipients,
+            bare_newline=config.smtp.bare_newline,
+            long_lines=config.smtp.long_lines,
+            max_failures=config.auth.max_failures,
+            smtputf8=config.smtp.smtputf8,
+            profile=SmtpProfile(**dict(listener.profile)),
+            cram_md5_available=self.cram_md5_available,
+            throttle=self.throttle,
+        )
+
+
 def build_service(
     config: Config,
     reactor: Any,
@@ -401,7 +550,12 @@ def build_service(
     spool = Spool(state / "spool", run_in_thread, reactor)
     realm = MailRealm(store, users, config.all_local_domains, spool)
     checker = PasswordChecker(
-        users, config.default_domain, verify_password, run_in_thread, dummy_hash=DUMMY_HASH
+        users,
+        config.default_domain,
+        verify_password,
+        run_in_thread,
+        dummy_hash=DUMMY_HASH,
+        known_domains=config.all_local_domains,
     )
     portal = Portal(realm, [checker])
     allow_plaintext = network_predicate(config.allow_plaintext_from)
@@ -444,59 +598,11 @@ def build_service(
         service.runner = runner
     is_master = not is_child and worker_args is not None and config.workers > 1
     inherited = list(inherited_fds or ())
+    wiring = _Wiring(
+        config, portal, realm, users, context, allow_plaintext, trusted, clock, run_in_thread
+    )
     for listener in config.listeners:
-        implicit = listener.tls == "implicit"
-        factory: IProtocolFactory
-        if listener.protocol == "pop3":
-            factory = Pop3Factory(
-                portal,
-                Pop3Settings(
-                    hostname=config.hostname,
-                    timeout=config.pop3.timeout,
-                    tls_context=context if listener.tls != "none" else None,
-                    implicit_tls=implicit,
-                    allow_plaintext=allow_plaintext,
-                    max_failures=config.auth.max_failures,
-                    xtnd_xmit=(
-                        config.pop3.xtnd_xmit if listener.xtnd_xmit is None else listener.xtnd_xmit
-                    ),
-                    xtnd_xmit_require_tls=config.pop3.xtnd_xmit_require_tls,
-                    xtnd_advertise=config.pop3.xtnd_advertise,
-                    xtnd_xlst=config.pop3.xtnd_xlst,
-                    # XTND XMIT follows exactly the submission rules.
-                    default_domain=config.default_domain,
-                    max_size=config.smtp.max_size,
-                    max_recipients=config.smtp.max_recipients,
-                    bare_newline=config.smtp.bare_newline,
-                    long_lines=config.smtp.long_lines,
-                    enforce_from=config.submission.enforce_from,
-                ),
-                clock,
-            )
-        else:
-            factory = SmtpFactory(
-                portal,
-                SmtpSettings(
-                    hostname=config.hostname,
-                    timeout=config.smtp.timeout,
-                    tls_context=context if listener.tls != "none" else None,
-                    implicit_tls=implicit,
-                    require_tls=config.smtp.require_tls and listener.tls != "none",
-                    allow_plaintext=allow_plaintext,
-                    trusted=trusted,
-                    default_domain=config.default_domain,
-                    max_size=config.smtp.max_size,
-                    max_recipients=config.smtp.max_recipients,
-                    bare_newline=config.smtp.bare_newline,
-                    long_lines=config.smtp.long_lines,
-                    max_failures=config.auth.max_failures,
-                    smtputf8=config.smtp.smtputf8,
-                ),
-                clock,
-                anonymous=lambda: realm.submission_for(None),
-            )
-        if implicit:
-            factory = TLSMemoryBIOFactory(context, False, factory)
+        factory = wiring.factory_for(listener)
         fd: int | None = None
         family: int = socket.AF_INET
         address = tcp_address(reactor, listener.endpoint) if (is_master or is_child) else None

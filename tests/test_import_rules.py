@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
         "mailgate.headers",
         "mailgate.recipients",
         # Only the pure fail2ban line and penalty timer; the throttle itself is injected.
-        "mailgate.auth.throttle",
+        "mailgate.authlog",
     },
     "mailgate.smtp": {
         "mailgate.interfaces",
@@ -39,7 +39,7 @@ ALLOWED: dict[str, set[str]] = {
         "mailgate.dataread",
         "mailgate.headers",
         # Only the pure fail2ban line and penalty timer; the throttle itself is injected.
-        "mailgate.auth.throttle",
+        "mailgate.authlog",
     },
     "mailgate.store": {
         "mailgate.interfaces",
@@ -48,7 +48,14 @@ ALLOWED: dict[str, set[str]] = {
         "mailgate.wire",
         "mailgate.store",
     },
-    "mailgate.auth": {"mailgate.interfaces", "mailgate.model", "mailgate.errors", "mailgate.auth"},
+    "mailgate.auth": {
+        "mailgate.interfaces",
+        "mailgate.model",
+        "mailgate.errors",
+        "mailgate.auth",
+        "mailgate.authlog",
+    },
+    "mailgate.authlog": set(),
     "mailgate.queue": {
         "mailgate.interfaces",
         "mailgate.model",

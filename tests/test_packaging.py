@@ -1,4 +1,4 @@
-"""Every mailgate package is listed for installation (a missing one breaks non-editable installs)."""
+"""Every mailgate package is listed for installation (else non-editable installs break)."""
 
 from __future__ import annotations
 

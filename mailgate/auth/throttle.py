@@ -20,93 +20,42 @@ fail2ban filter (``[Definition]``)::
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailgate.authlog import (  # re-exported: the throttle's public helpers
+    FAILURE_FORMAT,
+    MAX_LOGGED_LOGIN,
+    deferred_failure,
+    failure_line,
+    log_field,
+    peer_key,
+)
 from mailgate.interfaces import IAuthThrottle
+
+__all__ = [
+    "FAILURE_FORMAT",
+    "MAX_LOGGED_LOGIN",
+    "AuthThrottle",
+    "deferred_failure",
+    "failure_line",
+    "log_field",
+    "peer_key",
+]
 
 T = TypeVar("T")
 
-#: The one line format of a failed login (see the module docstring for the failregex).
-FAILURE_FORMAT = (
-    "mailgate: auth failure: protocol={protocol} rhost={rhost} user={user} reason={reason}"
-)
-#: Attacker-chosen login names are cut to this many characters in the log.
-MAX_LOGGED_LOGIN = 128
 #: How many distinct recent (login, secret) pairs per address count as "repeats".
 RECENT_ATTEMPTS = 8
 
 _log = Logger(namespace="mailgate.auth")
-
-
-def peer_key(host: str) -> str:
-    """One key per client address: IPv4-mapped IPv6 and scoped addresses normalised."""
-    text = host.strip("[]").split("%", 1)[0]
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
-def log_field(value: str, limit: int = MAX_LOGGED_LOGIN) -> str:
-    """Make an untrusted value one harmless token: no spaces, controls or non-ASCII.
-
-    Anything outside 0x21-0x7E (and the backslash) becomes ``\\xNN`` so a login such as
-    ``"x rhost=198.51.100.1"`` cannot forge a second ``rhost=`` for fail2ban.
-    """
-    out: list[str] = []
-    for ch in value[:limit]:
-        code = ord(ch)
-        if 0x21 <= code <= 0x7E and ch != "\\":
-            out.append(ch)
-        elif code <= 0xFF:
-            out.append(f"\\x{code:02x}")
-        else:
-            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
-    if len(value) > limit:
-        out.append("...")
-    return "".join(out) or "-"
-
-
-def failure_line(protocol: str, peer_ip: str, login: str, reason: str) -> str:
-    """The fail2ban line for one failed login (pure, for tests and other log sinks)."""
-    return FAILURE_FORMAT.format(
-        protocol=log_field(protocol, 16),
-        rhost=log_field(peer_key(peer_ip), 64),
-        user=log_field(login),
-        reason=log_field(reason, 32),
-    )
-
-
-def deferred_failure(clock: IReactorTime, delay: float, value: T) -> Deferred[T]:
-    """A Deferred firing with ``value`` after ``delay`` seconds on ``clock``.
-
-    Cancelling it (e.g. when the client hangs up) cancels the timer. A delay of zero or less
-    fires at once.
-    """
-    if delay <= 0:
-        return succeed(value)
-    call: list[IDelayedCall] = []
-
-    def cancel(d: Deferred[T]) -> None:
-        if call and call[0].active():
-            call[0].cancel()
-
-    d: Deferred[T] = Deferred(cancel)
-    call.append(clock.callLater(delay, d.callback, value))
-    return d
 
 
 @dataclass

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgate import sasl
-from mailgate.auth.throttle import deferred_failure, failure_line
+from mailgate.authlog import deferred_failure, failure_line
 from mailgate.errors import MaildropInUse, MaildropUnavailable
 from mailgate.headers import MAX_HEADER_BYTES, MAX_HEADER_LINES
 from mailgate.interfaces import IAuthThrottle, IMaildrop, ISubmission

@@ -30,7 +30,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mailgate import sasl
-from mailgate.auth.throttle import deferred_failure, failure_line
+from mailgate.authlog import deferred_failure, failure_line
 from mailgate.dataread import BareNewline, DataReader, DataStatus, LongLines
 from mailgate.errors import DeliveryError, RelayDenied, SenderNotOwned, UnknownRecipient
 from mailgate.headers import (

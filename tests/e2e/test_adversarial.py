@@ -33,8 +33,20 @@ LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {1, 0}
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     root = tmp_path_factory.mktemp("adversarial")
     (root / "canary").write_text("canary: must never change\n")
+    # Most cases fail logins on purpose from 127.0.0.1: exempt it from the failure delay,
+    # so only the throttle's own case (from 127.0.0.9) waits.
+    config = root / "adversarial.toml"
+    config.write_text('[auth]\nthrottle_exempt = ["127.0.0.1/32"]\n')
     # A short shutdown grace: a case that fails mid-session must not stall teardown.
-    yield from make_gateway(root, "--allow-plaintext-from", "127.0.0.0/8", "--shutdown-grace", "2")
+    yield from make_gateway(
+        root,
+        "--config",
+        str(config),
+        "--allow-plaintext-from",
+        "127.0.0.0/8",
+        "--shutdown-grace",
+        "2",
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -588,12 +600,13 @@ def limited(tmp_path: Path) -> Iterator[Gateway]:
     )
 
 
-@pytest.mark.xfail(strict=False, reason="awaiting wiring of mailgate.limits (config [limits])")
 def test_per_peer_limit_and_slowloris_watchdog(limited: Gateway) -> None:
-    held = [Client(limited.pop3) for _ in range(5)]
+    # From an address of its own: the start-up probes' connections from 127.0.0.1 may
+    # still be closing on the server side.
+    held = [Client(limited.pop3, "127.0.0.5") for _ in range(5)]
     for c in held:
         assert c.line().startswith(b"+OK")
-    refused = Client(limited.pop3)
+    refused = Client(limited.pop3, "127.0.0.5")
     assert refused.rest() == b"-ERR [SYS/TEMP] Too many connections\r\n"
     s = Client(limited.submission)
     for c in held[:4]:
@@ -610,17 +623,18 @@ def test_per_peer_limit_and_slowloris_watchdog(limited: Gateway) -> None:
     assert_serves(limited)
 
 
-@pytest.mark.xfail(strict=False, reason="awaiting wiring of mailgate.auth.throttle")
-def test_failed_logins_are_delayed_and_logged_for_fail2ban(gw: Gateway) -> None:
+def test_failed_logins_are_throttled_and_logged_for_fail2ban(gw: Gateway) -> None:
+    # The delay itself is asserted on a fake clock in tests/test_throttle*.py; here: the
+    # reply still comes, in order, and the one fail2ban line is logged without the password.
     c = pop3(gw, source="127.0.0.9")
     try:
         assert c.cmd(b"USER alice@example.com").startswith(b"+OK")
-        start = time.monotonic()
         assert c.cmd(b"PASS wrong-1").startswith(b"-ERR [AUTH]")
-        assert time.monotonic() - start >= 1.5
+        assert c.cmd(b"NOOP").startswith(b"-ERR")
     finally:
         c.close()
     assert (
         "mailgate: auth failure: protocol=pop3 rhost=127.0.0.9 user=alice@example.com"
         in gw.log_text()
     )
+    assert "wrong-1" not in gw.log_text()
