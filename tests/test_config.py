@@ -218,3 +218,74 @@ def test_auth_file_must_hold_user_and_password(tmp_path: Path) -> None:
     bad.write_text("justauser\n")
     with pytest.raises(ConfigError, match="user:password"):
         read_auth_file(bad)
+
+
+def test_legacy_limits_throttle_and_profile_keys(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        """
+[pop3]
+apop = false
+login_delay = 60
+expire = "NEVER"
+sdps_env = true
+
+[limits]
+max_connections = 50
+max_per_peer = 5
+line_time = 10
+min_rate = 0
+
+[auth]
+throttle_first = 1
+throttle_cap = 4
+throttle_exempt = ["10.0.0.0/8"]
+
+[[listeners]]
+protocol = "pop3"
+endpoint = "tcp:0"
+profile = { stls = false, sasl = ["plain"], parsing = "strict" }
+
+[[listeners]]
+protocol = "submission"
+endpoint = "tcp:0"
+profile = { pipelining = false, parsing = "lenient" }
+""",
+    )
+    c = load_config(p)
+    assert not c.pop3.apop and c.pop3.login_delay == 60 and c.pop3.expire == "NEVER"
+    assert c.pop3.sdps_env
+    assert c.limits.max_per_peer == 5 and c.limits.min_rate == 0
+    assert c.auth.throttle_first == 1 and c.auth.throttle_cap == 4
+    assert c.auth.throttle_exempt is not None
+    assert dict(c.listeners[0].profile) == {"stls": False, "sasl": ("PLAIN",), "parsing": "strict"}
+    assert dict(c.listeners[1].profile) == {"pipelining": False, "parsing": "lenient"}
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[pop3]\nexpire = 'soon'", "pop3.expire"),
+        ("[pop3]\nlogin_delay = -1", "pop3.login_delay"),
+        ("[auth]\nthrottle_first = 10\nthrottle_cap = 5", "auth.throttle_cap"),
+        ("[limits]\nmax_per_peer = 0", "limits.max_per_peer"),
+        (
+            "[[listeners]]\nprotocol = 'pop3'\nendpoint = 'tcp:0'\nprofile = { starttls = false }",
+            "listeners[0].profile.starttls: unknown key",
+        ),
+        (
+            "[[listeners]]\nprotocol = 'pop3'\nendpoint = 'tcp:0'\nprofile = { sasl = ['NTLM'] }",
+            "listeners[0].profile.sasl: unknown mechanism NTLM",
+        ),
+        (
+            "[[listeners]]\nprotocol = 'submission'\nendpoint = 'tcp:0'\n"
+            "profile = { parsing = 'sloppy' }",
+            "listeners[0].profile.parsing",
+        ),
+    ],
+)
+def test_new_keys_are_validated(tmp_path: Path, text: str, fragment: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert fragment in str(e.value)
