@@ -7,6 +7,7 @@ import json
 import os
 import poplib
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,14 +251,12 @@ def test_transcript_matches_the_session_byte_for_byte(lab: Lab) -> None:
     lab.deliver("alice@example.com", 1)
     p = poplib.POP3("127.0.0.1", lab.plain, timeout=30)
     sent = [b"CAPA", b"USER alice@example.com", b"PASS alice-secret-1", b"STAT", b"UIDL 1", b"QUIT"]
-    received = [p.getwelcome() + b"\r\n"]
     p.capa()
     p.user("alice@example.com")
     p.pass_("alice-secret-1")
     p.stat()
     p.uidl(1)
     p.quit()
-    del received
     deadline = time.monotonic() + 30
     sessions: list[list[dict[str, object]]] = []
     while time.monotonic() < deadline:
