@@ -280,7 +280,7 @@ def test_transcript_matches_the_session_byte_for_byte(lab: Lab) -> None:
     assert "alice-secret-1" not in json.dumps(events)
     shown = subprocess.run(
         [
-            os.fspath(Path(os.sys.executable)),
+            sys.executable,
             "-c",
             "from mailgate.admin import run; run()",
             "--state-dir",
