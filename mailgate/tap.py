@@ -109,8 +109,9 @@ def makeService(options: Options) -> IService:
     """Build the gateway service from parsed options (imports the reactor lazily)."""
     from twisted.internet import reactor
 
-    from mailgate.service import build_service
+    from mailgate.service import build_service, raise_open_file_limit
 
+    raise_open_file_limit()
     try:
         config = config_from_options(options)
         service: Any = build_service(config, reactor, worker_args=options.argv)

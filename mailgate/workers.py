@@ -259,7 +259,7 @@ def worker_main(argv: Sequence[str]) -> int:
     from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
 
     from mailgate.errors import ConfigError, MailgateError
-    from mailgate.service import build_service
+    from mailgate.service import build_service, raise_open_file_limit
     from mailgate.tap import Options, config_from_options
 
     reactor: Any = _reactor
@@ -275,6 +275,7 @@ def worker_main(argv: Sequence[str]) -> int:
             )
         ]
     )
+    raise_open_file_limit()
     options = Options()
     try:
         options.parseOptions(list(argv[1:]))

@@ -262,3 +262,20 @@ def test_stop_service_returns_a_deferred() -> None:
     d = service.stopService()
     assert isinstance(d, Deferred)
     assert len(fired(d)) == 1
+
+
+def test_open_file_limit_is_raised_to_the_hard_limit() -> None:
+    import resource
+
+    from mailgate.service import raise_open_file_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        if hard != resource.RLIM_INFINITY and hard > 64:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        now = raise_open_file_limit()
+        assert now == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if hard != resource.RLIM_INFINITY:
+            assert now == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
