@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -238,9 +238,10 @@ class VerificationCacheTests(unittest.TestCase):
             max_verifications=2,
             cache_ttl=0,
         )
+        self.users.passwords[Address("cat", "example.com")] = "{PLAIN}catpw"
         results: list[Any] = []
-        for name in (b"bob", b"ann", b"nobody", b"bob"):
-            pw = b"bobpw" if name == b"bob" else b"right"
+        for name in (b"bob", b"ann", b"nobody", b"cat"):
+            pw = {b"bob": b"bobpw", b"cat": b"catpw"}.get(name, b"right")
             checker.requestAvatarId(UsernamePassword(name, pw)).addBoth(results.append)
         assert len(runner.pending) == 2  # two in the thread pool, two waiting
         runner.release_one()
@@ -250,9 +251,81 @@ class VerificationCacheTests(unittest.TestCase):
         assert len(runner.pending) == 1
         runner.release_one()
         assert runner.pending == []
-        assert results[0] == b"bob@example.com" and results[3] == b"bob@example.com"
+        assert results[0] == b"bob@example.com" and results[3] == b"cat@example.com"
         assert results[1] == b"ann@example.com"
         results[2].trap(UnauthorizedLogin)  # unknown user: dummy verification, still a failure
+
+    def held_checker(self, **kwargs: Any) -> tuple[PasswordChecker, HeldRunner]:
+        runner = HeldRunner()
+        checker = PasswordChecker(
+            self.users, "example.com", self.verify, runner, max_verifications=2, **kwargs
+        )
+        return checker, runner
+
+    def request(self, checker: PasswordChecker, name: bytes, password: bytes) -> list[Any]:
+        results: list[Any] = []
+        checker.requestAvatarId(UsernamePassword(name, password)).addBoth(results.append)
+        return results
+
+    def test_identical_logins_in_flight_share_one_verification(self) -> None:
+        checker, runner = self.held_checker()
+        same = [self.request(checker, name, b"right") for name in (b"ann", b"ANN@example.com")]
+        same += [self.request(checker, b"ann", b"right") for _ in range(14)]
+        assert len(runner.pending) == 1  # sixteen logins, one verification
+        other_pw = self.request(checker, b"ann", b"wrong")
+        other_user = self.request(checker, b"bob", b"bobpw")
+        assert len(runner.pending) == 2  # a different key is not merged (and waits for a slot)
+        assert all(r == [] for r in same)
+        runner.release_one()
+        assert [r[0] for r in same] == [b"ann@example.com"] * 16
+        assert self.verify.calls == 1
+        assert len(runner.pending) == 2  # the slot went to the next distinct verification
+        runner.release_one()
+        runner.release_one()
+        other_pw[0].trap(UnauthorizedLogin)
+        assert other_user == [b"bob@example.com"]
+        assert checker._in_flight == {}
+
+    def test_merged_failure_reaches_every_waiter_and_is_then_forgotten(self) -> None:
+        checker, runner = self.held_checker()
+        waiting = [self.request(checker, b"ann", b"wrong") for _ in range(3)]
+        assert len(runner.pending) == 1
+        runner.release_one()
+        for r in waiting:
+            r[0].trap(UnauthorizedLogin)
+        # Completed failures are not shared: the next identical attempt verifies again.
+        again = self.request(checker, b"ann", b"wrong")
+        assert len(runner.pending) == 1 and again == []
+        runner.release_one()
+        again[0].trap(UnauthorizedLogin)
+        assert self.verify.calls == 2
+        assert len(checker.cache) == 0
+
+    def test_merged_error_reaches_every_waiter(self) -> None:
+        def broken(stored: str, password: bytes) -> bool:
+            raise RuntimeError("boom")
+
+        runner = HeldRunner()
+        checker = PasswordChecker(self.users, "example.com", broken, runner)
+        waiting = [self.request(checker, b"bob", b"bobpw") for _ in range(2)]
+        held = runner.pending.pop(0)[0]
+        held.errback(RuntimeError("boom"))
+        for r in waiting:
+            r[0].trap(RuntimeError)
+        assert checker._in_flight == {}
+
+    def test_a_cancelled_login_leaves_the_shared_verification_to_the_others(self) -> None:
+        checker, runner = self.held_checker()
+        first = checker.requestAvatarId(UsernamePassword(b"ann", b"right"))
+        first_results: list[Any] = []
+        first.addBoth(first_results.append)
+        second = self.request(checker, b"ann", b"right")
+        first.cancel()  # the first client went away
+        first_results[0].trap(CancelledError)
+        assert len(runner.pending) == 1
+        runner.release_one()
+        assert second == [b"ann@example.com"]
+        assert len(checker.cache) == 1  # the success still counts for later logins
 
     def test_a_verifier_error_releases_its_slot(self) -> None:
         def broken(stored: str, password: bytes) -> bool:

@@ -8,7 +8,9 @@ Argon2id costs ~100 ms of CPU and 64 MiB per verification, so two things keep a 
 load (fetchmail polling every minute, a benchmark) from drowning in it: a short-lived cache
 of *successful* verifications (Dovecot's auth cache: keyed by a keyed BLAKE2b of account,
 stored hash and presented password, so no password is kept and a password change misses),
-and a cap on concurrent verifications so memory stays bounded under a login storm.
+a cap on concurrent verifications so memory stays bounded under a login storm, and merging of
+identical verifications in flight (sixteen clients logging in as one user at once cost one
+Argon2id run, not sixteen queued through the cap).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from twisted.cred.credentials import ICredentials, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, DeferredSemaphore, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgate.auth.passwords import apop_digest, cram_md5_digest
@@ -91,6 +94,10 @@ class VerificationCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def key(self, account: str, stored: str, password: bytes) -> bytes:
+        """The keyed digest naming this (account, stored hash, password); no password in it."""
+        return self._digest(account, stored, password)
 
     def _digest(self, account: str, stored: str, password: bytes) -> bytes:
         h = hashlib.blake2b(key=self._key, digest_size=32, person=b"mailgate-auth")
@@ -169,6 +176,8 @@ class PasswordChecker:
             cache_ttl, cache_size, clock.seconds if clock is not None else time.monotonic
         )
         self._slots = DeferredSemaphore(max_verifications or default_max_verifications())
+        #: Verifications running or queued, by cache key -> the logins waiting for each.
+        self._in_flight: dict[bytes, list[Deferred[bool]]] = {}
 
     def account(self, login: bytes) -> Address:
         """The account a login name means; AddressError/UnicodeDecodeError when malformed."""
@@ -228,14 +237,39 @@ class PasswordChecker:
         account = str(address)
         if self.cache.hit(account, stored, password):
             return succeed(_avatar_id(True, address))
-
-        def remember(ok: bool) -> bool:
-            if ok:
-                self.cache.add(account, stored, password)
-            return ok
-
-        d = self._verify_limited(stored, password).addCallback(remember)
+        d = self._verify_shared(account, stored, password)
         return d.addCallback(_avatar_id, address)
+
+    def _verify_shared(self, account: str, stored: str, password: bytes) -> Deferred[bool]:
+        """One verification per distinct (account, stored hash, password) in flight.
+
+        Every login gets its own Deferred, so one client dropping (cancelling) does not
+        touch the others or the shared verification. Only a completed *success* outlives
+        the verification (in the cache); a failure or error is handed to the logins that
+        were waiting for it and then forgotten.
+        """
+        key = self.cache.key(account, stored, password)
+        mine: Deferred[bool] = Deferred()
+        waiters = self._in_flight.get(key)
+        if waiters is not None:
+            waiters.append(mine)
+            return mine
+        self._in_flight[key] = [mine]
+
+        def settle(result: bool | Failure) -> None:
+            waiting = self._in_flight.pop(key, [])
+            if result is True:
+                self.cache.add(account, stored, password)
+            for d in waiting:
+                if d.called:  # cancelled by its login
+                    continue
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+        self._verify_limited(stored, password).addBoth(settle)
+        return mine
 
     def _verify_limited(self, stored: str, password: bytes) -> Deferred[bool]:
         """Verify in the thread runner, holding one of the ``max_verifications`` slots."""
