@@ -111,14 +111,26 @@ def mailgate_cli(state: Path, *args: str, stdin: str = "") -> None:
     )
 
 
+#: The benchmark is a load test from one address (127.0.0.1): mailgate's production defaults
+#: (max_per_peer 20, max_connections 1000) would turn most of its connections away.
+MAILGATE_CONFIG = """\
+[limits]
+max_connections = 20000
+max_per_peer = 20000
+"""
+
+
 def start_mailgate(state: Path, profile: Path | None = None) -> Server:
     twistd = Path(sys.executable).parent / "twistd"
     p = MAILGATE_PORTS
+    config = state / "mailgate.toml"
+    config.write_text(MAILGATE_CONFIG)
     cmd = [str(twistd), "-n", "--pidfile=", f"--logfile={state / 'twistd.log'}"]
     if profile is not None:
         cmd += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
     cmd += [
         "mailgate",
+        "--config", str(config),
         "--state-dir", str(state),
         "--hostname", "bench.localhost",
         "--default-domain", "bench.test",
