@@ -34,6 +34,7 @@ DEFAULT_LISTENERS: tuple[tuple[str, str, str], ...] = (
 
 FAULT_ACTIONS = ("delay", "error", "drop")
 PARSING_MODES = ("normal", "strict", "lenient")
+APOP_MODES = ("auto", "some", "never")
 SASL_NAMES = ("PLAIN", "LOGIN", "CRAM-MD5")
 # Capability profile switches per protocol (all booleans unless named in _PROFILE_SPECIAL).
 PROFILE_KEYS: dict[str, tuple[str, ...]] = {
@@ -109,8 +110,10 @@ class Pop3Config:
     xtnd_xmit_require_tls: bool = False
     xtnd_advertise: bool = False
     xtnd_xlst: bool = False
-    #: Offer APOP (and CRAM-MD5) when some account's scheme keeps a plaintext-equivalent secret.
-    apop: bool = True
+    #: When to offer APOP and CRAM-MD5, which need a plaintext-equivalent stored secret:
+    #: "auto" when every account has one (clients such as curl pick them whenever offered and
+    #: never fall back), "some" when at least one account has one, "never".
+    apop: str = "auto"
     #: RFC 2449 LOGIN-DELAY seconds, enforced per account (None: not advertised).
     login_delay: int | None = None
     #: RFC 2449 EXPIRE days, or "NEVER" (None: not advertised, nothing expires).
@@ -378,7 +381,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         xtnd_xmit_require_tls=pop3.take("xtnd_xmit_require_tls", bool, False),
         xtnd_advertise=pop3.take("xtnd_advertise", bool, False),
         xtnd_xlst=pop3.take("xtnd_xlst", bool, False),
-        apop=pop3.take("apop", bool, True),
+        apop=pop3.choice("apop", APOP_MODES, "auto"),
         login_delay=_optional_int(pop3, "login_delay", minimum=0),
         expire=_expire(pop3),
         sdps_env=pop3.take("sdps_env", bool, False),

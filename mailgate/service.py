@@ -376,6 +376,17 @@ def _resolver(reactor: Any, servers: tuple[tuple[str, int], ...]) -> Any:
     return client.Resolver(servers=list(servers), reactor=reactor)  # type: ignore[no-untyped-call]
 
 
+def _legacy_offer(
+    users: UserFile, mode: str, supports: Callable[[str], bool]
+) -> Callable[[], bool]:
+    """Whether to offer APOP / CRAM-MD5 on a new connection ([pop3] apop)."""
+    if mode == "never":
+        return lambda: False
+    if mode == "some":
+        return lambda: users.any_hash(supports)
+    return lambda: users.all_hash(supports)
+
+
 class _Wiring:
     """Builds each listener's protocol factory and the wrappers around it.
 
@@ -412,12 +423,8 @@ class _Wiring:
             cap=auth.throttle_cap,
             forget_after=auth.throttle_forget,
         )
-        self.apop_available = (
-            (lambda: users.any_hash(supports_apop)) if config.pop3.apop else (lambda: False)
-        )
-        self.cram_md5_available = (
-            (lambda: users.any_hash(supports_cram_md5)) if config.pop3.apop else (lambda: False)
-        )
+        self.apop_available = _legacy_offer(users, config.pop3.apop, supports_apop)
+        self.cram_md5_available = _legacy_offer(users, config.pop3.apop, supports_cram_md5)
         self.limits = LimitSettings(
             max_total=config.limits.max_connections,
             max_per_peer=config.limits.max_per_peer,

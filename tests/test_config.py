@@ -225,7 +225,7 @@ def test_legacy_limits_throttle_and_profile_keys(tmp_path: Path) -> None:
         tmp_path,
         """
 [pop3]
-apop = false
+apop = "never"
 login_delay = 60
 expire = "NEVER"
 sdps_env = true
@@ -253,7 +253,7 @@ profile = { pipelining = false, parsing = "lenient" }
 """,
     )
     c = load_config(p)
-    assert not c.pop3.apop and c.pop3.login_delay == 60 and c.pop3.expire == "NEVER"
+    assert c.pop3.apop == "never" and c.pop3.login_delay == 60 and c.pop3.expire == "NEVER"
     assert c.pop3.sdps_env
     assert c.limits.max_per_peer == 5 and c.limits.min_rate == 0
     assert c.auth.throttle_first == 1 and c.auth.throttle_cap == 4

@@ -296,3 +296,21 @@ def test_read_passwd_file_reports_every_bad_line() -> None:
     assert "{MD5-CRYPT}" in problems[2]
     assert "bad user name" in problems[3]
     assert "duplicate user ok@example.org (first on line 1)" in problems[5]
+
+
+def test_all_hash_needs_accounts_and_every_one(tmp_path: Path) -> None:
+    from mailgate.auth.passwords import hash_password, supports_apop
+    from mailgate.auth.userdb import UserFile
+    from mailgate.model import Address
+
+    clock = [0.0]
+    db = UserFile(tmp_path / "users", clock=lambda: clock[0])
+    assert not db.all_hash(supports_apop)
+    assert not db.any_hash(supports_apop)
+    db.add(Address("carol", "example.com"), hash_password("x", "PLAIN"))
+    clock[0] += 2
+    assert db.all_hash(supports_apop) and db.any_hash(supports_apop)
+    db.add(Address("alice", "example.com"), hash_password("y"))
+    clock[0] += 2
+    assert not db.all_hash(supports_apop)
+    assert db.any_hash(supports_apop)

@@ -186,6 +186,7 @@ class UserFile:
         self._clock = clock or time.monotonic
         self._lines: _Lines = []
         self._by_address: dict[Address, _Entry] = {}
+        self._summaries: dict[tuple[object, bool], bool] = {}
         self._signature: _Signature = None
         self._checked_at = self._clock()
         self._load(strict=True)
@@ -205,10 +206,24 @@ class UserFile:
     def any_hash(self, predicate: Callable[[str], bool]) -> bool:
         """Whether some account's hash satisfies ``predicate``.
 
-        E.g. ``users.any_hash(passwords.supports_apop)``: is an APOP timestamp worth offering.
+        E.g. ``users.any_hash(passwords.supports_apop)``: could APOP succeed for anyone.
+        Answers are remembered until the file changes, so asking per connection is cheap.
         """
+        return self._summary(predicate, every=False)
+
+    def all_hash(self, predicate: Callable[[str], bool]) -> bool:
+        """Whether there are accounts and every account's hash satisfies ``predicate``."""
+        return self._summary(predicate, every=True)
+
+    def _summary(self, predicate: Callable[[str], bool], every: bool) -> bool:
         self._maybe_reload()
-        return any(predicate(entry.stored) for entry in self._by_address.values())
+        key = (predicate, every)
+        cached = self._summaries.get(key)
+        if cached is None:
+            results = [predicate(e.stored) for e in self._by_address.values()]
+            cached = (bool(results) and all(results)) if every else any(results)
+            self._summaries[key] = cached
+        return cached
 
     # -- administration (the CLI) --------------------------------------------------------
 
@@ -313,6 +328,7 @@ class UserFile:
         self._signature = signature
         self._lines = lines
         self._by_address = {ln.address: ln for ln in lines if isinstance(ln, _Entry)}
+        self._summaries.clear()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

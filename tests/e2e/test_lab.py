@@ -43,6 +43,9 @@ hostname = "mail.example.com"
 allow_plaintext_from = ["127.0.0.0/8"]
 workers = 1
 
+[pop3]
+apop = "some"   # mixed accounts: offer APOP/CRAM-MD5 although alice cannot use them
+
 [auth]
 throttle_exempt = ["127.0.0.0/8"]
 

@@ -288,3 +288,34 @@ def test_openssl_s_client_starttls_transcripts(gateway: Gateway) -> None:
     assert "250-AUTH PLAIN LOGIN" in smtp or "250 AUTH PLAIN LOGIN" in smtp
     assert "235 2.7.0" in smtp
     assert "STARTTLS" not in smtp  # not offered again after the handshake
+
+
+def test_one_apop_capable_account_does_not_break_curl_for_the_others(gateway: Gateway) -> None:
+    """curl picks APOP or CRAM-MD5 whenever offered and never falls back: by default they are
+    offered only when every account can use them ([pop3] apop = "auto")."""
+    from tests.e2e.conftest import admin
+
+    gateway.stop()  # added before the start: no race with the user file's reload check
+    added = admin(
+        gateway.state, "user", "add", "--scheme", "PLAIN", "carol@example.com", stdin="carol-pw\n"
+    )
+    assert added.returncode == 0, added.stderr
+    gateway.start()
+    got = curl(gateway, "-v", f"pop3s://127.0.0.1:{gateway.pop3s}/", "-u", "bob:bob-secret-2")
+    assert b"CRAM-MD5" not in got.stderr
+    assert b"+OK" in got.stderr and b"<" not in got.stderr.split(b"\n", 1)[0]
+    r = subprocess.run(
+        [
+            need("curl"),
+            "-sS",
+            "--cacert",
+            str(gateway.cert),
+            "-v",
+            f"pop3s://127.0.0.1:{gateway.pop3s}/",
+            "-u",
+            "carol:carol-pw",
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
