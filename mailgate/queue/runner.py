@@ -362,7 +362,8 @@ class QueueRunner(Service):
             elif result.status == "perm":
                 state.status = "failed"
             else:
-                entry.last_error = f"<{result.recipient}>: {result.code} {result.text}"
+                reply = f"{result.code} {result.text}" if result.code else result.text
+                entry.last_error = f"<{result.recipient}>: {reply}"
         for address, state in by_address.items():
             if address not in seen:
                 state.code, state.text = 451, "4.3.0 delivery attempt failed"
