@@ -22,11 +22,17 @@ MAX_ECHO = 40
 
 
 class Pop3SyntaxError(ValueError):
-    """A command or argument is malformed; ``reply`` is the text after ``-ERR``."""
+    """A command or argument is malformed; ``reply`` is the text after ``-ERR``.
 
-    def __init__(self, reply: str) -> None:
+    ``junk`` says whether it counts towards the session's invalid-command limit: a
+    malformed line does, a well-formed request for a message that does not exist does not
+    (a client racing a concurrent UPDATE makes that mistake honestly).
+    """
+
+    def __init__(self, reply: str, *, junk: bool = True) -> None:
         super().__init__(reply)
         self.reply = reply
+        self.junk = junk
 
 
 @dataclass(frozen=True)
@@ -89,10 +95,10 @@ def parse_message_number(arg: bytes, count: int) -> int:
         raise Pop3SyntaxError("Invalid message number")
     stripped = arg.lstrip(b"0")
     if not stripped or len(stripped) > len(str(count)):
-        raise Pop3SyntaxError("No such message")
+        raise Pop3SyntaxError("No such message", junk=False)
     number = int(stripped)
     if number > count:
-        raise Pop3SyntaxError("No such message")
+        raise Pop3SyntaxError("No such message", junk=False)
     return number - 1
 
 

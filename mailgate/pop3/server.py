@@ -200,9 +200,21 @@ class Pop3Settings:
     #: The brute-force brake shared with SMTP (per client address); None: no delays, but
     #: every failed login is still logged in the fail2ban line format.
     throttle: IAuthThrottle | None = None
+    #: Command lines (SASL continuations included) one session may send; the next one is
+    #: answered ``-ERR [SYS/PERM] Too many commands`` and the session closed without UPDATE.
+    #: Generous: fetchmail on a big maildrop sends two or three commands per message.
+    max_commands: int = 100_000
+    #: Invalid command lines tolerated per session (Dovecot closes after 10): unknown or
+    #: disabled verbs, verbs in the wrong state, syntax and arity errors, over-long lines,
+    #: bad base64 in SASL. Not junk: a wrong message number, a failed login (``max_failures``
+    #: counts those), a policy refusal. The next one is answered ``-ERR Too many invalid
+    #: commands`` and the session closed without UPDATE.
+    max_junk: int = 10
 
     def __post_init__(self) -> None:
         self.xmit_policy()  # ValueError now, at wiring time, on a bad XMIT policy
+        if self.max_commands <= 0 or self.max_junk < 0:
+            raise ValueError("max_commands must be positive and max_junk not negative")
         if self.login_delay is not None and self.login_delay < 0:
             raise ValueError("login_delay must not be negative")
         if isinstance(self.expire, str):
@@ -362,6 +374,8 @@ class Pop3Server(Protocol, TimeoutMixin):
         self._xmit: XmitReceiver | None = None
         self._xmit_policy = settings.xmit_policy() if settings.xtnd_xmit else None
         self._ended_by = "connection lost"  # for the session-end log line
+        self._commands = 0  # command lines seen, for max_commands
+        self._junk_count = 0  # invalid command lines seen, for max_junk
 
     # -- transport plumbing ---------------------------------------------------------------
 
@@ -496,22 +510,29 @@ class Pop3Server(Protocol, TimeoutMixin):
                 resume()
 
     def _line(self, item: bytes | object) -> None:
+        self._commands += 1
+        if self._commands > self.settings.max_commands:
+            log.warn("POP3 too many commands from {peer}, closing", peer=self._peer)
+            self._end_session(
+                self._err("Too many commands", ResponseCode.SYS_PERM), "too many commands"
+            )
+            return
         if self.state is State.SASL:
             if not isinstance(item, bytes):
                 self._end_sasl()
-                self._send(err("Authentication line too long"))
+                self._junk(err("Authentication line too long"))
                 return
             self._sasl_continue(item)
             return
         if not isinstance(item, bytes) or (
             len(item) + 2 > MAX_COMMAND_LINE and item.split(b" ", 1)[0].upper() != b"AUTH"
         ):
-            self._send(err("Command line too long"))
+            self._junk(err("Command line too long"))
             return
         try:
             command = parse_command(item, self._parsing)
         except Pop3SyntaxError as e:
-            self._send(err(e.reply))
+            self._junk(err(e.reply))
             return
         handler = _HANDLERS.get((self.state, command.verb))
         if command.verb != "PASS":
@@ -519,17 +540,36 @@ class Pop3Server(Protocol, TimeoutMixin):
         disabled = not self._verb_enabled(command.verb)
         if handler is None or disabled:
             if command.verb in _KNOWN_VERBS and not disabled:
-                self._send(err("Command not valid in this state"))
+                self._junk(err("Command not valid in this state"))
             else:
-                self._send(err(f"Unknown command: {echo(command.verb.encode('ascii'))}"))
+                self._junk(err(f"Unknown command: {echo(command.verb.encode('ascii'))}"))
             return
         try:
             handler(self, command)
         except Pop3SyntaxError as e:
-            self._send(err(e.reply))
+            if e.junk:
+                self._junk(err(e.reply))
+            else:
+                self._send(err(e.reply))
         except Exception:
             log.failure("POP3 handler for {verb} failed", verb=command.verb)
             self._send(self._err("Internal server error", ResponseCode.SYS_TEMP))
+
+    def _junk(self, reply: bytes) -> None:
+        """Answer an invalid command line; one more than ``max_junk`` ends the session."""
+        self._junk_count += 1
+        if self._junk_count > self.settings.max_junk:
+            log.warn("POP3 too many invalid commands from {peer}, closing", peer=self._peer)
+            self._end_session(err("Too many invalid commands"), "too many invalid commands")
+            return
+        self._send(reply)
+
+    def _end_session(self, reply: bytes, why: str) -> None:
+        """Say ``reply`` and hang up without UPDATE: deletions are not applied."""
+        self._ended_by = why
+        self._end_sasl()
+        self._send(reply)
+        self._close()
 
     def _err(self, text: str, code: ResponseCode | None = None) -> bytes:
         """A ``-ERR`` line, with its response code only when the profile offers RESP-CODES."""
@@ -657,7 +697,7 @@ class Pop3Server(Protocol, TimeoutMixin):
             try:
                 initial = sasl.decode_response(args[1])
             except sasl.Cancelled:
-                raise Pop3SyntaxError("Authentication cancelled") from None
+                raise Pop3SyntaxError("Authentication cancelled", junk=False) from None
             except sasl.Base64Error:
                 raise Pop3SyntaxError("Invalid base64 data") from None
         self._sasl_step(mechanism, lambda: mechanism.start(initial))
@@ -673,7 +713,7 @@ class Pop3Server(Protocol, TimeoutMixin):
             return
         except sasl.Base64Error:
             self._end_sasl()
-            self._send(err("Invalid base64 data"))
+            self._junk(err("Invalid base64 data"))
             return
         self._sasl_step(mechanism, lambda: mechanism.step(data))
 
@@ -854,7 +894,7 @@ class Pop3Server(Protocol, TimeoutMixin):
     def _index(self, arg: bytes) -> int:
         index = parse_message_number(arg, len(self._messages))
         if index in self._deleted:
-            raise Pop3SyntaxError(f"Message {index + 1} already deleted")
+            raise Pop3SyntaxError(f"Message {index + 1} already deleted", junk=False)
         return index
 
     def _do_stat(self, command: Command) -> None:
@@ -1130,9 +1170,9 @@ class Pop3Server(Protocol, TimeoutMixin):
             try:
                 index = parse_message_number(arg, len(self._messages))
             except Pop3SyntaxError:
-                raise Pop3SyntaxError(f"Message {echo(arg)} does not exist.") from None
+                raise Pop3SyntaxError(f"Message {echo(arg)} does not exist.", junk=False) from None
             if index in self._deleted:
-                raise Pop3SyntaxError(f"Message {index + 1} has been deleted.")
+                raise Pop3SyntaxError(f"Message {index + 1} has been deleted.", junk=False)
             indices = [index]
         else:
             indices = [i for i in range(len(self._messages)) if i not in self._deleted]

@@ -150,12 +150,24 @@ class SmtpSettings:
     #: The brute-force brake shared with POP3 (per client address); None: no delays, but
     #: every failed login is still logged in the fail2ban line format.
     throttle: IAuthThrottle | None = None
+    #: Command lines (AUTH responses included, message data not) one session may send; the
+    #: next one is answered ``421 4.7.0 <host> Too many commands`` and the session closed.
+    max_commands: int = 10_000
+    #: Invalid command lines tolerated per session (Postfix's hard error limit is 20):
+    #: unknown verbs, verbs out of sequence (503), syntax errors in commands and MAIL/RCPT
+    #: parameters (500/501/555/553), over-long lines, bad base64 in AUTH. Not junk: policy
+    #: refusals (530, 550-554), failed logins (``max_failures``), a cancelled AUTH, DATA
+    #: after every recipient was refused. The next one is answered ``421 4.7.0 <host>
+    #: Error: too many errors`` and the session closed.
+    max_junk: int = 20
 
     def __post_init__(self) -> None:
         BareNewline(self.bare_newline)  # ValueError on a bad policy name
         LongLines(self.long_lines)
         if self.max_size <= 0 or self.max_recipients <= 0 or self.max_failures <= 0:
             raise ValueError("SMTP limits must be positive")
+        if self.max_commands <= 0 or self.max_junk < 0:
+            raise ValueError("max_commands must be positive and max_junk not negative")
         if (
             self.require_tls
             and not self.implicit_tls
@@ -238,6 +250,8 @@ class SmtpServer(LineReceiver, TimeoutMixin):
         self._sink: IMessageSink | None = None
         self._data_failure: str | None = None
         self._cram_md5 = False
+        self._commands = 0  # command lines seen, for max_commands
+        self._junk_count = 0  # invalid command lines seen, for max_junk
 
     # -- connection ---------------------------------------------------------------------
 
@@ -347,7 +361,8 @@ class SmtpServer(LineReceiver, TimeoutMixin):
                 return False
             self._buffer = buf[after:]
             kind, self._discarding = self._discarding, None
-            self._line_too_long(kind)
+            if self._count_command():
+                self._line_too_long(kind)
             return True
         if end < 0:
             if len(buf) > MAX_AUTH_LINE:
@@ -356,6 +371,8 @@ class SmtpServer(LineReceiver, TimeoutMixin):
                 self._buffer = b"\r" if buf.endswith(b"\r") else b""
             return False
         line, self._buffer = buf[:end], buf[after:]
+        if not self._count_command():
+            return True
         kind = self._line_kind(line)
         limit = MAX_AUTH_LINE if kind == "auth" else MAX_COMMAND_LINE
         if len(line) + 2 > limit:
@@ -364,14 +381,34 @@ class SmtpServer(LineReceiver, TimeoutMixin):
             self._line(line)
         return True
 
+    def _count_command(self) -> bool:
+        """Count one command line; False (and the session is over) past ``max_commands``."""
+        self._commands += 1
+        if self._commands <= self._settings.max_commands:
+            return True
+        _log.warn("SMTP too many commands peer={peer}, closing", peer=self._peer_ip)
+        self._send(reply(421, "4.7.0", f"{self._settings.hostname} Too many commands"))
+        self._close()
+        return False
+
+    def _junk(self, data: bytes) -> None:
+        """Answer an invalid command line; one more than ``max_junk`` ends the session."""
+        self._junk_count += 1
+        if self._junk_count <= self._settings.max_junk:
+            self._send(data)
+            return
+        _log.warn("SMTP too many invalid commands peer={peer}, closing", peer=self._peer_ip)
+        self._send(reply(421, "4.7.0", f"{self._settings.hostname} Error: too many errors"))
+        self._close()
+
     def _line_too_long(self, kind: str) -> None:
         if kind == "auth":
             if self.state is State.AUTH:
                 self._mech = None
                 self.state = State.READY
-            self._send(reply(500, "5.5.6", "Authentication Exchange line is too long"))
+            self._junk(reply(500, "5.5.6", "Authentication Exchange line is too long"))
         else:
-            self._send(reply(500, "5.5.2", "Line too long"))
+            self._junk(reply(500, "5.5.2", "Line too long"))
 
     def _line(self, line: bytes) -> None:
         if self.state is State.AUTH:
@@ -381,21 +418,21 @@ class SmtpServer(LineReceiver, TimeoutMixin):
             cmd = parse_command(line, self._parsing)
         except SmtpSyntaxError as e:
             if e.kind == "verb" and line.strip():
-                self._send(reply(500, "5.5.1", "Command unrecognized"))
+                self._junk(reply(500, "5.5.1", "Command unrecognized"))
             else:
-                self._send(reply(500, "5.5.2", "Syntax error"))
+                self._junk(reply(500, "5.5.2", "Syntax error"))
             return
         if cmd.verb not in self._known or (
             cmd.verb == "STARTTLS" and not self._settings.profile.starttls
         ):
-            self._send(reply(500, "5.5.1", "Command unrecognized"))
+            self._junk(reply(500, "5.5.1", "Command unrecognized"))
             return
         if self._tls_required() and cmd.verb not in _BEFORE_TLS:
             self._send(reply(530, "5.7.0", "Must issue a STARTTLS command first"))
             return
         handler = self._table.get((self.state, cmd.verb))
         if handler is None:
-            self._send(reply(503, "5.5.1", "Bad sequence of commands"))
+            self._junk(reply(503, "5.5.1", "Bad sequence of commands"))
             return
         self._guarded(handler, self, cmd.arg)
 
@@ -471,7 +508,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
 
     def _ehlo(self, arg: bytes) -> None:
         if not arg:
-            self._send(reply(501, "5.5.4", "Syntax: EHLO hostname"))
+            self._junk(reply(501, "5.5.4", "Syntax: EHLO hostname"))
             return
         self._reset_transaction()
         self._helo = arg.decode("utf-8", "replace")
@@ -497,7 +534,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
 
     def _helo_cmd(self, arg: bytes) -> None:
         if not arg:
-            self._send(reply(501, "5.5.4", "Syntax: HELO hostname"))
+            self._junk(reply(501, "5.5.4", "Syntax: HELO hostname"))
             return
         self._reset_transaction()
         self._helo = arg.decode("utf-8", "replace")
@@ -507,7 +544,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
 
     def _rset(self, arg: bytes) -> None:
         if arg:
-            self._send(reply(501, "5.5.4", "Syntax: RSET"))
+            self._junk(reply(501, "5.5.4", "Syntax: RSET"))
             return
         self._reset_transaction()
         self._send(reply(250, "2.0.0", "Ok"))
@@ -530,7 +567,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
 
     def _vrfy(self, arg: bytes) -> None:
         if not arg:
-            self._send(reply(501, "5.5.4", "Syntax: VRFY address"))
+            self._junk(reply(501, "5.5.4", "Syntax: VRFY address"))
             return
         self._send(reply(252, "2.5.2", "Cannot VRFY user, but will accept message"))
 
@@ -541,10 +578,10 @@ class SmtpServer(LineReceiver, TimeoutMixin):
 
     def _starttls(self, arg: bytes) -> None:
         if arg:
-            self._send(reply(501, "5.5.4", "Syntax: STARTTLS"))
+            self._junk(reply(501, "5.5.4", "Syntax: STARTTLS"))
             return
         if self._tls:
-            self._send(reply(503, "5.5.1", "TLS already active"))
+            self._junk(reply(503, "5.5.1", "TLS already active"))
             return
         ctx = self._settings.tls_context
         if ctx is None or not ITLSTransport.providedBy(self.transport):
@@ -567,14 +604,14 @@ class SmtpServer(LineReceiver, TimeoutMixin):
 
     def _auth(self, arg: bytes) -> None:
         if not self._extended:
-            self._send(reply(503, "5.5.1", "Send EHLO first"))
+            self._junk(reply(503, "5.5.1", "Send EHLO first"))
             return
         if self._user is not None:
-            self._send(reply(503, "5.5.1", "Already authenticated"))
+            self._junk(reply(503, "5.5.1", "Already authenticated"))
             return
         parts = arg.split()
         if not parts or len(parts) > 2:
-            self._send(reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+            self._junk(reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
             return
         name = parts[0].decode("ascii", "replace").upper()
         cls = sasl.MECHANISMS.get(name)
@@ -587,7 +624,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
             )
             return
         if cls.server_first and len(parts) == 2:
-            self._send(reply(501, "5.5.2", f"{name} does not take an initial response"))
+            self._junk(reply(501, "5.5.2", f"{name} does not take an initial response"))
             return
         s = self._settings
         mech = sasl.mechanism(name, challenge=s.challenge(s.hostname, self._clock.seconds()))
@@ -600,7 +637,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
                 self._send(reply(501, "5.7.0", "Authentication cancelled"))
                 return
             except sasl.Base64Error:
-                self._send(reply(501, "5.5.2", "Cannot decode response"))
+                self._junk(reply(501, "5.5.2", "Cannot decode response"))
                 return
         self._mech = mech
         self.state = State.AUTH
@@ -617,7 +654,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
             return
         except sasl.Base64Error:
             self._end_exchange()
-            self._send(reply(501, "5.5.2", "Cannot decode response"))
+            self._junk(reply(501, "5.5.2", "Cannot decode response"))
             return
         self._sasl_step(lambda: mech.step(response))
 
@@ -728,7 +765,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
                 body_enabled=s.profile.eightbitmime,
             )
         except SmtpSyntaxError as e:
-            self._send(self._syntax_reply(e, "5.1.7"))
+            self._junk(self._syntax_reply(e, "5.1.7"))
             return
         if params.size is not None and params.size > s.max_size:
             self._send(reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
@@ -738,7 +775,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
             try:
                 sender = parse_address(path.mailbox, s.default_domain)
             except SmtpSyntaxError as e:
-                self._send(self._syntax_reply(e, "5.1.7"))
+                self._junk(self._syntax_reply(e, "5.1.7"))
                 return
         try:
             self._avatar.check_sender(sender)
@@ -772,7 +809,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
                 raise SmtpSyntaxError("address", "Null recipient")
             rcpt = parse_address(path.mailbox, s.default_domain)
         except SmtpSyntaxError as e:
-            self._send(self._syntax_reply(e, "5.1.3"))
+            self._junk(self._syntax_reply(e, "5.1.3"))
             return
         if len(self._recipients) >= s.max_recipients:
             self._send(reply(452, "4.5.3", "Too many recipients"))
@@ -788,7 +825,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
 
     def _data(self, arg: bytes) -> None:
         if arg:
-            self._send(reply(501, "5.5.4", "Syntax: DATA"))
+            self._junk(reply(501, "5.5.4", "Syntax: DATA"))
             return
         if not self._recipients:
             self._send(reply(503, "5.5.1", "No valid recipients"))
