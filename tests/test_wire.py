@@ -65,3 +65,34 @@ def test_file_size_matches_unstuffed_output(data: bytes) -> None:
     import io
 
     assert wire_size_of_file(io.BytesIO(data), chunk_size=7) == len(encode_all([data], False))
+
+
+def _reference(data: bytes) -> bytes:
+    """Line by line, the obvious way: split on CRLF/CR/LF, stuff, end each line with CRLF."""
+    text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if not text:
+        return b""
+    lines = text.split(b"\n")
+    if text.endswith(b"\n"):
+        lines.pop()
+    return b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
+
+
+#: Mail-like bytes: the characters the fast paths look for, often, and next to each other.
+_MAILISH = st.lists(st.sampled_from([b"\n", b".", b"\r", b"a", b"..", b"\n.", b"x y"])).map(
+    b"".join
+)
+
+
+@given(_MAILISH, st.integers(min_value=1, max_value=9))
+def test_chunked_encoding_matches_the_line_by_line_reference(data: bytes, size: int) -> None:
+    chunks = [data[i : i + size] for i in range(0, len(data), size)]
+    assert encode_all(chunks) == _reference(data)
+
+
+def test_large_lf_chunk_with_and_without_dot_lines() -> None:
+    body = b"The quick brown fox jumps over the lazy dog.\n" * 2000
+    enc = WireEncoder()
+    assert enc.feed(body) == body.replace(b"\n", b"\r\n")
+    assert enc.feed(b"x\n.dot\n") == b"x\r\n..dot\r\n"
+    assert enc.feed(b".\n") == b"..\r\n"  # the previous chunk ended a line
