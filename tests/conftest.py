@@ -6,6 +6,19 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Hypothesis profiles. "ci" (the default) keeps the suite quick; "fuzz" is the long run by
+# hand: HYPOTHESIS_PROFILE=fuzz .venv/bin/pytest tests/test_fuzz.py
+# No deadlines in either: the suite makes no timing assertions.
+settings.register_profile("ci", max_examples=100, deadline=None)
+settings.register_profile(
+    "fuzz",
+    max_examples=20_000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True, scope="session")
