@@ -272,23 +272,115 @@ class ForeignFileTests(MaildirTestCase):
     def test_vanished_message_is_unavailable(self) -> None:
         self.deliver(b"one\n")
         drop = self.open()
-        (name,) = os.listdir(self.maildir() / "cur")
-        os.unlink(self.maildir() / "cur" / name)
+        (name,) = os.listdir(self.maildir() / "new")
+        os.unlink(self.maildir() / "new" / name)
         with pytest.raises(MaildropUnavailable):
             drop.open_message(0)
         # Deleting an already vanished message is not a failure.
         assert self.successResultOf(drop.commit([0])) == 0
 
-    def test_flag_rename_by_another_program_is_followed(self) -> None:
+    def test_move_to_cur_by_another_program_is_followed(self) -> None:
+        # A mail reader that marks our (unmoved) message seen moves it new/ -> cur/.
         self.deliver(b"one\n")
+        drop = self.open()
+        md = self.maildir()
+        (name,) = os.listdir(md / "new")
+        os.rename(md / "new" / name, md / "cur" / (name + ":2,S"))
+        with drop.open_message(0) as f:
+            assert f.read() == b"one\n"
+        assert self.successResultOf(drop.commit([0])) == 0
+        assert os.listdir(md / "cur") == [] and os.listdir(md / "new") == []
+
+    def test_flag_rename_in_cur_by_another_program_is_followed(self) -> None:
+        self.drop_foreign("cur", "1700000000.foreign,S=4,W=6:2,", b"a\nb\n")
         drop = self.open()
         cur = self.maildir() / "cur"
         (name,) = os.listdir(cur)
         os.rename(cur / name, cur / (name + "S"))
         with drop.open_message(0) as f:
-            assert f.read() == b"one\n"
+            assert f.read() == b"a\nb\n"
         assert self.successResultOf(drop.commit([0])) == 0
         assert os.listdir(cur) == []
+
+
+class NoMoveTests(MaildirTestCase):
+    """Delivered messages stay in new/ at login (see _Scanner: no 100,000 renames)."""
+
+    def count_renames(self) -> list[str]:
+        seen: list[str] = []
+        real = os.rename
+
+        def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            seen.append(str(dst))
+            real(src, dst, *args, **kwargs)
+
+        patch(self, os, "rename", rename)
+        return seen
+
+    def test_login_moves_nothing_and_keys_say_where_the_file_is(self) -> None:
+        for i in range(3):
+            self.deliver(b"m%d\n" % i)
+        md = self.maildir()
+        names = sorted(os.listdir(md / "new"))
+        renames = self.count_renames()
+        drop = self.open()
+        assert renames == []
+        assert sorted(os.listdir(md / "new")) == names
+        assert os.listdir(md / "cur") == []
+        assert [m.key for m in drop.messages] == [f"new/{n}" for n in names]
+        for i in range(3):
+            with drop.open_message(i) as f:
+                assert f.read() == b"m%d\n" % i
+        drop.release()
+
+    def test_uid_survives_a_move_to_cur_by_another_program(self) -> None:
+        self.deliver(b"one\n")
+        self.deliver(b"two\n")
+        first = self.open()
+        uids = [m.uid for m in first.messages]
+        first.release()
+        md = self.maildir()
+        for name in os.listdir(md / "new"):
+            os.rename(md / "new" / name, md / "cur" / (name + ":2,S"))
+        for store in (self.store, self.make_store()):  # cached scan and a fresh one
+            drop = self.open(store=store)
+            assert [m.uid for m in drop.messages] == uids
+            assert all(m.key.startswith("cur/") for m in drop.messages)
+            drop.release()
+
+    def test_messages_in_new_and_cur_are_listed_in_uid_order(self) -> None:
+        self.drop_foreign("cur", "1600000000.old,S=4,W=6:2,S", b"a\nb\n")
+        self.deliver(b"newer\n")
+        drop = self.open()
+        assert [m.key[:4] for m in drop.messages] == ["cur/", "new/"]
+        assert [m.size for m in drop.messages] == [6, 7]
+        drop.release()
+
+    def test_commit_deletes_from_both_directories_and_fsyncs_each(self) -> None:
+        self.drop_foreign("cur", "1600000000.old,S=4,W=6:2,S", b"a\nb\n")
+        self.deliver(b"newer\n")
+        self.deliver(b"newest\n")
+        drop = self.open()
+        fsyncs = self.fsync.calls
+        assert self.successResultOf(drop.commit([0, 1])) == 0
+        assert self.fsync.calls == fsyncs + 2  # cur/ and new/
+        md = self.maildir()
+        assert os.listdir(md / "cur") == []
+        assert len(os.listdir(md / "new")) == 1
+        again = self.open()
+        assert len(again.messages) == 1
+        with again.open_message(0) as f:
+            assert f.read() == b"newest\n"
+        again.release()
+
+    def test_same_base_in_new_and_cur_is_listed_once(self) -> None:
+        self.deliver(b"one\n")
+        md = self.maildir()
+        (name,) = os.listdir(md / "new")
+        os.link(md / "new" / name, md / "cur" / (name + ":2,S"))
+        drop = self.open()
+        assert [m.key for m in drop.messages] == [f"cur/{name}:2,S"]
+        drop.release()
 
 
 class UidListTests(MaildirTestCase):
@@ -339,7 +431,7 @@ class UidListTests(MaildirTestCase):
     def test_dropped_session_changes_nothing_on_disk(self) -> None:
         self.deliver(b"one\n")
         self.deliver(b"two\n")
-        self.open().release()  # first scan moves new -> cur and writes the uidlist
+        self.open().release()  # the first scan writes the uidlist
 
         def snapshot() -> dict[str, bytes]:
             md = self.maildir()
@@ -490,7 +582,7 @@ class ScanCacheTests(MaildirTestCase):
         again = self.open()
         assert [(m.uid, m.size, m.key) for m in again.messages] == uids
         again.release()
-        assert not [p for p in seen if "/cur/" in p]
+        assert not [p for p in seen if "/cur/" in p or "/new/" in p]
         after = uidlist.stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
@@ -524,7 +616,7 @@ class ScanCacheTests(MaildirTestCase):
         (self.maildir() / "cur" / "subdir").mkdir()
         drop = self.open()
         assert [m.size for m in drop.messages] == [5, 4 + 2]
-        assert drop.messages[1].key.startswith("1700000000.foreign,S=4,W=6:2,")
+        assert drop.messages[1].key.startswith("cur/1700000000.foreign,S=4,W=6:2,")
         drop.release()
 
     def test_scan_cache_is_bounded(self) -> None:

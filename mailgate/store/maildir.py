@@ -250,7 +250,7 @@ class MaildirStore:
         return MaildirMaildrop(self, maildir, fd, messages, address)
 
 
-#: What a scan learnt about one file of cur/: (base name, wire size, delivery time).
+#: What a scan learnt about one message file: (base name, wire size, delivery time).
 _Entry = tuple[str, int, float]
 #: Identity of the uidlist file: any rewrite (a new inode by rename) or edit changes it.
 _Stamp = tuple[int, int, int, int]
@@ -259,8 +259,8 @@ _Stamp = tuple[int, int, int, int]
 class _MaildirState:
     """The last scan of one Maildir, reused by the next login only where still valid.
 
-    Nothing here is trusted blindly: cur/ is listed on every login (only names never seen
-    before are looked at), and the parsed uidlist is reused only while the file's
+    Nothing here is trusted blindly: new/ and cur/ are listed on every login (only names
+    never seen before are looked at), and the parsed uidlist is reused only while the file's
     (inode, size, mtime, ctime) is unchanged, so another process's rewrite is always read.
     """
 
@@ -300,10 +300,19 @@ def _wire_of(base: str) -> int | None:
 
 
 class _Scanner:
-    """Moves new/ into cur/, fills in missing sizes and maintains the UID list.
+    """Lists new/ and cur/, fills in missing sizes and maintains the UID list.
 
-    A later login costs one listing of cur/ plus work for what changed since the previous
-    scan by this store (no per-message stat or read: the ``,S=,W=`` name carries the sizes).
+    Messages are *not* moved from new/ to cur/ at login. The Maildir spec makes that move
+    the job of a reader that wants to record flags; a POP3 server records none, and
+    100,000 renames (plus the directory fsyncs) were most of a first login's time on a big
+    maildrop. A message in new/ is a valid, unflagged message for every other Maildir
+    reader (an IMAP server shows it as recent/unseen, which it still is as far as IMAP
+    flags go). UIDs are keyed by base name, so a message keeps its UID wherever it is or
+    moves to. Only a foreign name without the ``,S=,W=`` sizes is renamed (into cur/, with
+    the sizes appended), as that costs a read of the file anyway and is done only once.
+
+    A later login costs one listing of each directory plus work for what changed since the
+    previous scan by this store (no per-message stat or read: the name carries the sizes).
     """
 
     def __init__(self, store: MaildirStore, maildir: str) -> None:
@@ -311,6 +320,7 @@ class _Scanner:
         self.maildir = maildir
         self.new = os.path.join(maildir, "new")
         self.cur = os.path.join(maildir, "cur")
+        self._taken: set[str] | None = None
 
     def _with_sizes(self, path: str, base: str) -> str:
         """Append ``,S=``/``,W=`` to a foreign name that lacks W= (reads the file once)."""
@@ -323,13 +333,16 @@ class _Scanner:
             base += f",S={file_size}"
         return base + f",W={wire}"
 
-    def _rename_free(self, src: str, base: str, info: str, taken: set[str]) -> tuple[str, str]:
+    def _rename_free(self, src: str, base: str, info: str) -> tuple[str, str]:
         """Rename into cur/ without ever overwriting an existing file.
 
-        ``taken`` is the listing of cur/ made under the session lock, kept up to date:
-        only a program ignoring the lock could add a name meanwhile, and it would have to
-        pick the very same base name.
+        The listing of cur/ it checks against is made under the session lock (on first
+        need) and kept up to date: only a program ignoring the lock could add a name
+        meanwhile, and it would have to pick the very same base name.
         """
+        if self._taken is None:
+            self._taken = set(os.listdir(self.cur))
+        taken = self._taken
         candidate = base
         while True:
             name = f"{candidate}:{info}"
@@ -358,52 +371,52 @@ class _Scanner:
                 e.name for e in it if _is_candidate(e.name) and e.is_file(follow_symlinks=False)
             ]
 
+    def _examine(self, sub: str, name: str, now: float) -> tuple[str, _Entry] | None:
+        """(key, entry) of a file not seen by the previous scan; None if it vanished."""
+        path = f"{self.maildir}/{sub}/{name}"
+        base, sep, info = name.partition(":")
+        wire = _wire_of(base)
+        if wire is None:
+            try:
+                sized = self._with_sizes(path, base)
+                base, name = self._rename_free(path, sized, info if sep else "2,")
+            except FileNotFoundError:
+                return None  # taken away meanwhile by another program
+            sub, path = "cur", f"{self.cur}/{name}"
+            wire = _wire_of(base)
+            assert wire is not None
+        return f"{sub}/{name}", (base, wire, self._delivered(base, path, now))
+
     def scan(self) -> list[MessageInfo]:
         store = self.store
         cached = store._state_of(self.maildir)
-        now = time.time()
-        moved = False
-        arrivals = self._regular_names(self.new)
-        if cached is None:
-            names = self._regular_names(self.cur)
-            taken = set(os.listdir(self.cur)) if arrivals else set(names)
-        else:
-            listed = os.listdir(self.cur)
-            taken = set(listed)
-            names = [n for n in listed if n in cached.by_name or self._is_regular(n)]
-        for name in arrivals:
-            path = f"{self.new}/{name}"
-            base, sep, info = name.partition(":")
-            try:
-                sized = self._with_sizes(path, base)
-                _, final = self._rename_free(path, sized, info if sep else "2,", taken)
-            except FileNotFoundError:
-                continue  # taken away meanwhile by another program
-            names.append(final)
-            moved = True
-        entries: dict[str, _Entry] = {}
-        by_name: dict[str, _Entry] = {}
         known = cached.by_name if cached is not None else {}
-        for name in names:
-            entry = known.get(name)
-            if entry is None:
-                path = f"{self.cur}/{name}"
-                base, sep, info = name.partition(":")
-                wire = _wire_of(base)
-                if wire is None:
-                    sized = self._with_sizes(path, base)
-                    base, name = self._rename_free(path, sized, info if sep else "2,", taken)
-                    path = os.path.join(self.cur, name)
-                    wire = _wire_of(base)
-                    assert wire is not None
-                    moved = True
-                entry = (base, wire, self._delivered(base, path, now))
-            base = entry[0]
-            if base in entries:
-                _log.warn("duplicate maildir message {name} ignored", name=name)
-                continue
-            entries[base] = entry
-            by_name[name] = entry
+        now = time.time()
+        in_new = self._regular_names(self.new)
+        if cached is None:
+            in_cur = self._regular_names(self.cur)
+        else:
+            in_cur = [n for n in os.listdir(self.cur) if f"cur/{n}" in known or self._is_regular(n)]
+        entries: dict[str, _Entry] = {}  # base name -> entry
+        by_name: dict[str, _Entry] = {}  # key ("cur/NAME" or "new/NAME") -> entry
+        # cur/ first: if a base is in both (a hard link), the copy with flags wins.
+        for sub, names in (("cur", in_cur), ("new", in_new)):
+            prefix = sub + "/"
+            for name in names:
+                key = prefix + name
+                entry = known.get(key)
+                if entry is None:
+                    found = self._examine(sub, name, now)
+                    if found is None:
+                        continue
+                    key, entry = found
+                base = entry[0]
+                if base in entries:
+                    _log.warn("duplicate maildir message {name} ignored", name=key)
+                    continue
+                entries[base] = entry
+                by_name[key] = entry
+        moved = self._taken is not None
         if moved:
             store.fsync_dir(self.cur)
             store.fsync_dir(self.new)
@@ -423,17 +436,11 @@ class _Scanner:
         ):
             messages = cached.messages  # nothing changed since the last scan
         else:
+            ordered = sorted(((uids[e[0]], key, e) for key, e in by_name.items()))
+            prefix = f"{validity:08x}"
             messages = tuple(
-                MessageInfo(
-                    f"{validity:08x}{uid:08x}",
-                    entries[base][1],
-                    name,
-                    delivered=entries[base][2],
-                )
-                for name, base, uid in sorted(
-                    ((name, e[0], uids[e[0]]) for name, e in by_name.items()),
-                    key=lambda item: item[2],
-                )
+                MessageInfo(f"{prefix}{uid:08x}", e[1], key, delivered=e[2])
+                for uid, key, e in ordered
             )
         new_state = (validity, uidlist.last_next_uid, uids)
         store._remember(self.maildir, _MaildirState(by_name, stamp, new_state, uids, messages))
@@ -562,26 +569,29 @@ class MaildirMaildrop:
     ) -> None:
         self.account = account
         self._store = store
-        self._cur = os.path.join(maildir, "cur")
+        self._maildir = maildir
         self._lock_fd: int | None = lock_fd
+        #: Each key is the file's path relative to the Maildir: ``new/NAME`` or ``cur/NAME``.
         self.messages: Sequence[MessageInfo] = tuple(messages)
 
     def _find(self, key: str) -> str | None:
-        """Path of a message, following a flag change made by another program."""
-        path = os.path.join(self._cur, key)
+        """Path of a message, following a move to cur/ or a flag change by another program."""
+        path = os.path.join(self._maildir, key)
         if os.path.lexists(path):
             return path
-        base = key.partition(":")[0]
-        with contextlib.suppress(OSError):
-            for name in os.listdir(self._cur):
-                if name.partition(":")[0] == base:
-                    return os.path.join(self._cur, name)
+        base = key.rpartition("/")[2].partition(":")[0]
+        for sub in ("cur", "new"):
+            directory = os.path.join(self._maildir, sub)
+            with contextlib.suppress(OSError):
+                for name in os.listdir(directory):
+                    if name.partition(":")[0] == base:
+                        return os.path.join(directory, name)
         return None
 
     def open_message(self, index: int) -> IO[bytes]:
         key = self.messages[index].key
         try:
-            return open(os.path.join(self._cur, key), "rb")
+            return open(os.path.join(self._maildir, key), "rb")
         except FileNotFoundError:
             path = self._find(key)
             try:
@@ -607,22 +617,24 @@ class MaildirMaildrop:
 
     def _commit_blocking(self, keys: list[str]) -> int:
         failed = 0
+        touched: set[str] = set()
         for key in keys:
             path = self._find(key)
             if path is None:
                 continue  # already gone: the goal is reached
             try:
                 os.unlink(path)
+                touched.add(os.path.dirname(path))
             except FileNotFoundError:
                 pass
             except OSError as e:
                 failed += 1
                 _log.error("cannot delete {path}: {error}", path=path, error=e)
-        if keys:
+        for directory in sorted(touched):
             try:
-                self._store.fsync_dir(self._cur)
+                self._store.fsync_dir(directory)
             except OSError as e:
-                _log.error("cannot fsync {path}: {error}", path=self._cur, error=e)
+                _log.error("cannot fsync {path}: {error}", path=directory, error=e)
         return failed
 
     def release(self) -> None:
