@@ -589,14 +589,20 @@ class MaildirMaildrop:
         return None
 
     def open_message(self, index: int) -> IO[bytes]:
+        """The message file; RETR reads it on the reactor thread, chunk by chunk.
+
+        Those reads are page-cache copies (~6 ms per 50 MB); the sequential hint doubles
+        the kernel's readahead so a cold file is mostly read ahead of the producer rather
+        than under it. A thread hop per chunk would cost more than the read itself.
+        """
         key = self.messages[index].key
         try:
-            return open(os.path.join(self._maildir, key), "rb")
+            return _sequential(open(os.path.join(self._maildir, key), "rb"))
         except FileNotFoundError:
             path = self._find(key)
             try:
                 if path is not None:
-                    return open(path, "rb")
+                    return _sequential(open(path, "rb"))
             except OSError:
                 pass
         except OSError as e:
@@ -646,6 +652,13 @@ class MaildirMaildrop:
     def __del__(self) -> None:
         # A session that vanished without release() must not keep the mailbox locked.
         self.release()
+
+
+def _sequential(f: IO[bytes]) -> IO[bytes]:
+    """Tell the kernel ``f`` is read front to back (a hint: errors are ignored)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    return f
 
 
 def _write_new_file(path: str, data: bytes, fsync: Callable[[int], None]) -> None:
