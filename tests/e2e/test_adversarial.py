@@ -281,8 +281,7 @@ def test_pop3_wrong_state_and_arity(gw: Gateway) -> None:
         assert c.cmd(line).startswith(b"-ERR"), line
     c.close()
     deliver(gw, ALICE[0], "numbered")
-    c = pop3_login(gw)
-    for line in (
+    bad = [
         b"USER alice",
         b"PASS x",
         b"RETR",
@@ -294,13 +293,41 @@ def test_pop3_wrong_state_and_arity(gw: Gateway) -> None:
         b"UIDL 1 1",
         b"NOOP extra",
         b"STLS",
-    ):
-        assert c.cmd(line).startswith(b"-ERR"), line
+    ]
     for n in (b"0", b"-1", b"4294967297", b"18446744073709551617", b"abc", b"1x", b"+1", b"0x1"):
-        for verb in (b"RETR", b"DELE", b"LIST", b"UIDL"):
-            assert c.cmd(verb + b" " + n).startswith(b"-ERR"), verb + b" " + n
-    assert c.cmd(b"LIST 1").startswith(b"+OK 1 ")
+        bad += [verb + b" " + n for verb in (b"RETR", b"DELE", b"LIST", b"UIDL")]
+    # A session tolerates max_junk (10) invalid commands: a fresh one for every batch.
+    for start in range(0, len(bad), 8):
+        c = pop3_login(gw)
+        for line in bad[start : start + 8]:
+            assert c.cmd(line).startswith(b"-ERR"), line
+        assert c.cmd(b"LIST 1").startswith(b"+OK 1 ")
+        assert c.cmd(b"QUIT").startswith(b"+OK")
+        c.close()
+
+
+def test_pop3_junk_commands_end_the_session_without_update(gw: Gateway) -> None:
+    deliver(gw, ALICE[0], "junk")
+    c = pop3_login(gw)
+    assert c.cmd(b"DELE 1").startswith(b"+OK")
+    for i in range(10):
+        assert c.cmd(b"XYZZY%d" % i).startswith(b"-ERR Unknown command"), i
+    c.send(b"FROB\r\nQUIT\r\n")  # the QUIT after the 11th junk line is never obeyed
+    assert c.rest() == b"-ERR Too many invalid commands\r\n"
+    c.close()
+    c = pop3_login(gw)
+    assert c.cmd(b"LIST 1").startswith(b"+OK 1 ")  # the DELE was not applied
     assert c.cmd(b"QUIT").startswith(b"+OK")
+    c.close()
+
+
+def test_smtp_junk_commands_get_421(gw: Gateway) -> None:
+    c = Client(gw.submission)
+    assert c.reply().startswith(b"220")
+    for i in range(20):
+        assert c.cmd(b"XYZZY%d" % i)[:3] == b"500", i
+    c.send(b"FROB\r\n")
+    assert c.rest().startswith(b"421 4.7.0 ")
     c.close()
 
 
