@@ -120,6 +120,9 @@ class Pop3Config:
     expire: int | str | None = None
     #: SDPS ``*ENV`` command (lab only).
     sdps_env: bool = False
+    #: Commands per session, and invalid commands before the session is closed (no UPDATE).
+    max_commands: int = 100000
+    max_junk: int = 10
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,8 @@ class SmtpConfig:
     long_lines: str = "reject"
     require_tls: bool = True
     smtputf8: bool = False
+    max_commands: int = 10000
+    max_junk: int = 20
 
 
 @dataclass(frozen=True)
@@ -385,6 +390,8 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         login_delay=_optional_int(pop3, "login_delay", minimum=0),
         expire=_expire(pop3),
         sdps_env=pop3.take("sdps_env", bool, False),
+        max_commands=int(pop3.positive("max_commands", 100000)),
+        max_junk=int(pop3.positive("max_junk", 10, minimum=0)),
     )
     pop3.done()
 
@@ -435,6 +442,8 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         long_lines=smtp.choice("long_lines", ("reject", "accept"), "reject"),
         require_tls=smtp.take("require_tls", bool, True),
         smtputf8=smtp.take("smtputf8", bool, False),
+        max_commands=int(smtp.positive("max_commands", 10000)),
+        max_junk=int(smtp.positive("max_junk", 20, minimum=0)),
     )
     smtp.done()
 

@@ -11,10 +11,9 @@ Two wrappers, because they must sit at different depths:
   or STARTTLS it needs nothing special: Twisted's ``startTLS`` inserts the TLS layer
   *below* the outermost protocol, so both wrappers keep seeing plaintext after the switch.
 
-Why a watchdog at all: the POP3 server resets its autologout only on complete lines, but the
-SMTP server resets its idle timer on every ``dataReceived``, so a client sending one byte
-every few seconds could hold an SMTP session forever; and even POP3 would be held for the
-whole 600 s autologout. The watchdog bounds both by ``line_time``.
+Why a watchdog at all: both servers reset their idle timers only on complete lines, so a
+client dripping one byte every few seconds is held for the whole idle timeout (600 s, as the
+RFCs ask). The watchdog bounds a partial line by ``line_time`` instead.
 
 :func:`guard` composes the two (and implicit TLS) in the right order. Counts are per
 process: with several workers, each enforces the limits on the connections it accepted.

@@ -497,6 +497,8 @@ class _Wiring:
             expire=config.pop3.expire,
             sdps_env=config.pop3.sdps_env,
             throttle=self.throttle,
+            max_commands=config.pop3.max_commands,
+            max_junk=config.pop3.max_junk,
         )
 
     def smtp_settings(self, listener: Listener) -> SmtpSettings:
@@ -519,6 +521,8 @@ class _Wiring:
             profile=SmtpProfile(**dict(listener.profile)),
             cram_md5_available=self.cram_md5_available,
             throttle=self.throttle,
+            max_commands=config.smtp.max_commands,
+            max_junk=config.smtp.max_junk,
         )
 
 

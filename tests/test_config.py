@@ -230,6 +230,12 @@ login_delay = 60
 expire = "NEVER"
 sdps_env = true
 
+max_commands = 500
+max_junk = 0
+
+[smtp]
+max_junk = 5
+
 [limits]
 max_connections = 50
 max_per_peer = 5
@@ -255,6 +261,7 @@ profile = { pipelining = false, parsing = "lenient" }
     c = load_config(p)
     assert c.pop3.apop == "never" and c.pop3.login_delay == 60 and c.pop3.expire == "NEVER"
     assert c.pop3.sdps_env
+    assert c.pop3.max_commands == 500 and c.pop3.max_junk == 0 and c.smtp.max_junk == 5
     assert c.limits.max_per_peer == 5 and c.limits.min_rate == 0
     assert c.auth.throttle_first == 1 and c.auth.throttle_cap == 4
     assert c.auth.throttle_exempt is not None
