@@ -21,7 +21,6 @@ process: with several workers, each enforces the limits on the connections it ac
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -40,6 +39,8 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+
+from mailgate.authlog import peer_key as ip_key
 
 log = Logger()
 
@@ -83,14 +84,7 @@ def peer_key(addr: IAddress | None) -> str:
     host = getattr(addr, "host", None)
     if not isinstance(host, str):
         return "local"  # UNIX sockets and the like: one shared bucket
-    text = host.strip("[]").split("%", 1)[0]
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
+    return ip_key(host)
 
 
 class _Refusal(Protocol):

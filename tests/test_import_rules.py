@@ -56,6 +56,8 @@ ALLOWED: dict[str, set[str]] = {
         "mailgate.authlog",
     },
     "mailgate.authlog": set(),
+    "mailgate.limits": {"mailgate.authlog"},
+    "mailgate.lab": {"mailgate.interfaces", "mailgate.config", "mailgate.lab", "mailgate.errors"},
     "mailgate.queue": {
         "mailgate.interfaces",
         "mailgate.model",
