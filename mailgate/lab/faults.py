@@ -212,6 +212,8 @@ class FaultFactory(WrappingFactory[FaultProtocol]):
     are recorded) and inside ``TLSMemoryBIOFactory`` for implicit TLS.
     """
 
+    noisy = False
+
     protocol = FaultProtocol
 
     def __init__(

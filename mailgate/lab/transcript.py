@@ -290,6 +290,8 @@ class TranscriptFactory(WrappingFactory[TranscriptProtocol]):
     For implicit TLS apply it *before* ``TLSMemoryBIOFactory`` so it records plaintext.
     """
 
+    noisy = False
+
     protocol = TranscriptProtocol
 
     def __init__(self, wrappedFactory: IProtocolFactory, store: TranscriptStore, listener: str):

@@ -1250,6 +1250,8 @@ _KNOWN_VERBS = frozenset(verb for _, verb in _HANDLERS) - {"XTND", "*ENV"}
 class Pop3Factory(ServerFactory):
     """Builds :class:`Pop3Server` sessions sharing one portal, policy and clock."""
 
+    noisy = False  # the service logs what listens where; no "Starting factory <...>" lines
+
     def __init__(self, portal: Portal, settings: Pop3Settings, clock: IReactorTime) -> None:
         self.portal = portal
         self.settings = settings

@@ -554,6 +554,8 @@ class SmtpClientProtocol(LineReceiver):
 
 
 class _ClientFactory(Factory):
+    noisy = False
+
     def __init__(self, build: Callable[[], SmtpClientProtocol]) -> None:
         self._build = build
 

@@ -1009,6 +1009,8 @@ class SmtpFactory(ServerFactory):
     ``anonymous`` gives the avatar for clients of trusted networks that submit without AUTH.
     """
 
+    noisy = False  # the service logs what listens where
+
     def __init__(
         self,
         portal: Portal,
