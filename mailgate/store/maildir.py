@@ -373,8 +373,15 @@ class _Scanner:
 
     def _examine(self, sub: str, name: str, now: float) -> tuple[str, _Entry] | None:
         """(key, entry) of a file not seen by the previous scan; None if it vanished."""
-        path = f"{self.maildir}/{sub}/{name}"
         base, sep, info = name.partition(":")
+        # Fast path for the usual name (ours): "<10-digit secs>.<...>,W=<digits>", no stat.
+        i = base.rfind(",W=")
+        if i > 0 and base[10:11] == "." and base[:10].isdigit():
+            digits = base[i + 3 :]
+            secs = float(base[:10])
+            if digits.isdigit() and digits.isascii() and secs <= now + 86400:
+                return f"{sub}/{name}", (base, int(digits), secs)
+        path = f"{self.maildir}/{sub}/{name}"
         wire = _wire_of(base)
         if wire is None:
             try:
