@@ -35,7 +35,7 @@ from mailgate.errors import MaildropUnavailable
 from mailgate.interfaces import IMaildrop
 from mailgate.model import Address
 from mailgate.pop3 import Pop3Factory, Pop3Settings
-from mailgate.pop3.server import MessageStream, State
+from mailgate.pop3.server import CHUNK_SIZE, MessageStream, State
 from mailgate.realm import MailRealm
 from mailgate.testing import MemoryMaildrop, MemoryMailStore, MemoryUserDatabase
 from mailgate.wire import encode_all
@@ -858,10 +858,11 @@ class StuffingAcrossChunks(unittest.TestCase):
         for chunk in (1, 3, 64):
             assert self.stream(stored, chunk, top=1) == b"+OK\r\nH: 1\r\n\r\n..x\r\n.\r\n"
 
-    def test_dot_line_at_64k_boundary_through_server(self) -> None:
+    def test_dot_line_at_chunk_boundary_through_server(self) -> None:
         filler = b"a" * 99 + b"\n"
-        stored = filler * 655 + b"a" * 35 + b"\n" + b".\nafter\n"
-        assert stored.index(b"\n.\n") + 1 == 65536
+        lines, rest = divmod(CHUNK_SIZE, len(filler))
+        stored = filler * (lines - 1) + b"a" * (len(filler) + rest - 1) + b"\n" + b".\nafter\n"
+        assert stored.index(b"\n.\n") + 1 == CHUNK_SIZE
         s = Session(with_messages(stored))
         s.login()
         reply = s.cmd("RETR 1")
