@@ -174,13 +174,14 @@ def test_stuffing_round_trip(
 @given(noisy_bytes, cuts)
 def test_data_reader_on_random_input(data: bytes, at: list[int]) -> None:
     reader = DataReader(lambda b: None, line_limit=100, max_size=200)
-    rest = None
-    for piece in chunked(data, at):
+    pieces = chunked(data, at)
+    for i, piece in enumerate(pieces):
         rest = reader.feed(piece)
         if rest is not None:
+            # What follows the terminator: the rest of this piece plus every later piece.
+            assert data.endswith(rest + b"".join(pieces[i + 1 :]))
+            assert rest == piece[len(piece) - len(rest) :]
             break
-    if rest is not None:
-        assert data.endswith(rest) or rest == b""
 
 
 # -- SMTP grammar ----------------------------------------------------------------------------
