@@ -8,18 +8,20 @@ from dataclasses import dataclass, field
 
 from mailgate.errors import AddressError
 
+# Every pattern ends with \Z, not $: "$" also matches before a final newline, and a login
+# such as "alice\n" must never pass for "alice".
 # Characters allowed in the local part of an account name. Deliberately narrow: account
 # names become directory names, so nothing that could traverse or confuse a path is allowed.
-_ACCOUNT_LOCAL = re.compile(r"^[A-Za-z0-9!#$&'*+=?^_`{|}~-]+(\.[A-Za-z0-9!#$&'*+=?^_`{|}~-]+)*$")
+_ACCOUNT_LOCAL = re.compile(r"^[A-Za-z0-9!#$&'*+=?^_`{|}~-]+(\.[A-Za-z0-9!#$&'*+=?^_`{|}~-]+)*\Z")
 _DOMAIN = re.compile(
-    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
-    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+    r"^(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
 )
 # An envelope local part may be any dot-atom or quoted string (RFC 5321 4.1.2).
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_STRING = re.compile(rf"^{_ATEXT}+(\.{_ATEXT}+)*$")
-_QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
-_ADDRESS_LITERAL = re.compile(r"^\[[\x21-\x5a\x5e-\x7e]+\]$")
+_DOT_STRING = re.compile(rf"^{_ATEXT}+(\.{_ATEXT}+)*\Z")
+_QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
+_ADDRESS_LITERAL = re.compile(r"^\[[\x21-\x5a\x5e-\x7e]+\]\Z")
 
 
 @dataclass(frozen=True, order=True)

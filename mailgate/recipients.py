@@ -37,7 +37,7 @@ MAX_ITEM_LENGTH = 400
 
 _PLAIN_FIELDS = ("to", "cc", "bcc")
 _RESENT_FIELDS = ("resent-to", "resent-cc", "resent-bcc")
-_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
 # The one defect we repair ourselves: a bare name, qualified with the default domain.
 _NO_DOMAIN = "addr-spec local part with no domain"
 

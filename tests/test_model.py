@@ -65,3 +65,12 @@ def test_case_folding_is_a_switch() -> None:
 def test_path_unsafe_logins_are_refused(login: str) -> None:
     with pytest.raises(AddressError):
         parse_account(login, "example.com", known_domains=KNOWN)
+
+
+@pytest.mark.parametrize("login", ["alice\n", "0\n", "alice@example.com\n", "a\r"])
+def test_a_trailing_line_end_never_passes_for_a_name(login: str) -> None:
+    """`$` in a regex also matches before a final newline; the grammar must not."""
+    with pytest.raises(AddressError):
+        parse_account(login, "example.com")
+    with pytest.raises(AddressError):
+        Address.parse(login if "@" in login else login.replace("\n", "") + "@x.example\n")

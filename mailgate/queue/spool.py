@@ -59,7 +59,7 @@ MESSAGE_NAME = "message"
 ENVELOPE_NAME = "envelope.json"
 FORMAT_VERSION = 1
 
-_ID = re.compile(r"^[0-9A-Z]{8,40}$")
+_ID = re.compile(r"^[0-9A-Z]{8,40}\Z")
 
 
 class EntryNotFound(MailgateError):

@@ -97,7 +97,7 @@ def make_challenge(hostname: str, now: float | None = None) -> bytes:
     return f"<{secrets.token_hex(8)}.{stamp}@{host}>".encode("ascii")
 
 
-_HEX_DIGEST = re.compile(rb"^[0-9A-Fa-f]{32}$")
+_HEX_DIGEST = re.compile(rb"^[0-9A-Fa-f]{32}\Z")
 
 
 def parse_digest_answer(data: bytes) -> tuple[bytes, bytes]:

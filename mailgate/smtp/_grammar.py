@@ -36,9 +36,9 @@ MAX_COMMAND_LINE = 512
 #: RFC 4954 4: AUTH command and response lines may take up to 12288 octets.
 MAX_AUTH_LINE = 12288
 
-_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*\Z")
 # RFC 3461 4: xtext is printable ASCII except "+" and "=", plus "+XX" hex escapes.
-_XTEXT = re.compile(r"^([\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
+_XTEXT = re.compile(r"^([\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
 
 
 class SmtpSyntaxError(ValueError):
