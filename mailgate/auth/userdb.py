@@ -220,8 +220,9 @@ class UserFile:
         key = (predicate, every)
         cached = self._summaries.get(key)
         if cached is None:
-            results = [predicate(e.stored) for e in self._by_address.values()]
-            cached = (bool(results) and all(results)) if every else any(results)
+            # Generators: stop at the first answer (predicates can cost an HMAC each).
+            results = (predicate(e.stored) for e in self._by_address.values())
+            cached = (bool(self._by_address) and all(results)) if every else any(results)
             self._summaries[key] = cached
         return cached
 
