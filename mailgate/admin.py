@@ -26,10 +26,11 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, NoReturn
+from typing import IO
 
 from mailgate.auth.passwords import DEFAULT_SCHEME, HASH_SCHEMES, hash_password
 from mailgate.auth.userdb import UserFile, read_passwd_file
+from mailgate.cliparse import Parser, ParserExit
 from mailgate.errors import AddressError, UserDatabaseError
 from mailgate.lab.cli import probe_command, transcripts_command
 from mailgate.model import Address, parse_account
@@ -44,31 +45,8 @@ class CommandError(Exception):
     """A user-facing failure; its text becomes the one ``mailgate: error:`` line."""
 
 
-class _ParserExit(Exception):
-    def __init__(self, status: int, text: str) -> None:
-        super().__init__(text)
-        self.status = status
-        self.text = text
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports through exceptions, so main() writes to the streams it was given."""
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        raise _ParserExit(status, message or "")
-
-    def error(self, message: str) -> NoReturn:
-        raise _ParserExit(2, f"{self.format_usage()}{self.prog}: error: {message}\n")
-
-    def print_help(self, file: object = None) -> None:
-        raise _ParserExit(0, self.format_help())
-
-    def print_usage(self, file: object = None) -> None:
-        raise _ParserExit(0, self.format_usage())
-
-
-def _build_parser() -> _Parser:
-    parser = _Parser(prog="mailgate", description="mailgate administration")
+def _build_parser() -> Parser:
+    parser = Parser(prog="mailgate", description="mailgate administration")
     parser.add_argument(
         "--state-dir",
         default=DEFAULT_STATE_DIR,
@@ -238,7 +216,7 @@ def main(
         return probe_command(argv[1:], stdout, stderr, os.environ)
     try:
         args = _build_parser().parse_args(argv)
-    except _ParserExit as e:
+    except ParserExit as e:
         (stdout if e.status == 0 else stderr).write(e.text)
         return e.status
     if args.group == "queue":

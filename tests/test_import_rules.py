@@ -57,7 +57,14 @@ ALLOWED: dict[str, set[str]] = {
     },
     "mailgate.authlog": set(),
     "mailgate.limits": {"mailgate.authlog"},
-    "mailgate.lab": {"mailgate.interfaces", "mailgate.config", "mailgate.lab", "mailgate.errors"},
+    "mailgate.lab": {
+        "mailgate.interfaces",
+        "mailgate.config",
+        "mailgate.lab",
+        "mailgate.errors",
+        "mailgate.cliparse",
+    },
+    "mailgate.cliparse": set(),
     "mailgate.queue": {
         "mailgate.interfaces",
         "mailgate.model",

@@ -5,11 +5,11 @@ Both return an exit status and write to the streams they are given (admin.main's
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, NoReturn
+from typing import IO
 
+from mailgate.cliparse import Parser, ParserExit
 from mailgate.lab.transcript import find_transcript, format_list, format_show, list_transcripts
 from mailgate.lab.transcript import read_events as _read_events
 
@@ -45,26 +45,8 @@ def transcripts_command(
     return 2
 
 
-class _Exit(Exception):
-    def __init__(self, status: int, text: str) -> None:
-        super().__init__(text)
-        self.status = status
-        self.text = text
-
-
-class _Parser(argparse.ArgumentParser):
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        raise _Exit(status, message or "")
-
-    def error(self, message: str) -> NoReturn:
-        raise _Exit(2, f"{self.format_usage()}{self.prog}: error: {message}\n")
-
-    def print_help(self, file: object = None) -> None:
-        raise _Exit(0, self.format_help())
-
-
-def _probe_parser() -> _Parser:
-    parser = _Parser(
+def _probe_parser() -> Parser:
+    parser = Parser(
         prog="mailgate probe",
         description="read-only conformance checks against a POP3 or SMTP server",
     )
@@ -91,7 +73,7 @@ def probe_command(
 
     try:
         opts = _probe_parser().parse_args(list(args))
-    except _Exit as e:
+    except ParserExit as e:
         (stdout if e.status == 0 else stderr).write(e.text)
         return e.status
     password = opts.password or environ.get("MAILGATE_PROBE_PASSWORD")
