@@ -628,3 +628,60 @@ class ScanCacheTests(MaildirTestCase):
                 self.deliver(b"x%d\n" % i, who)
             self.open(who, store=store).release()
         assert len(store._states) == 1  # 2 + 2 messages exceed 3: the older is dropped
+
+
+class ReviewFindingsTests(MaildirTestCase):
+    """Cases found by review: odd file names from other programs, duplicate links."""
+
+    def test_undecodable_file_name_keeps_logins_working_and_uids_stable(self) -> None:
+        self.deliver(b"Subject: ours\n\nx\n")
+        md = self.maildir()
+        raw = os.path.join(os.fsencode(md / "new"), b"1700000000.foo\xe9bar.host")
+        with open(raw, "wb") as f:
+            f.write(b"Subject: foreign\n\ny\n")
+        first = self.open()
+        uids = [m.uid for m in first.messages]
+        assert len(uids) == 2
+        first.release()
+        second = self.open(store=self.make_store())  # a fresh process: reads the uidlist
+        assert [m.uid for m in second.messages] == uids
+        second.release()
+
+    def test_deleting_removes_every_link_of_the_message(self) -> None:
+        self.drop_foreign("cur", "1700000001.twin.host:2,S", b"Subject: twin\n\nz\n")
+        os.link(
+            self.maildir() / "cur" / "1700000001.twin.host:2,S",
+            self.maildir() / "new" / "1700000001.twin.host",
+        )
+        drop = self.open()
+        assert len(drop.messages) == 1
+        assert self.successResultOf(drop.commit([0])) == 0
+        again = self.open(store=self.make_store())
+        assert list(again.messages) == []
+        again.release()
+
+    def test_no_copy_becomes_visible_until_every_copy_is_staged(self) -> None:
+        self.deliver(b"warm up\n", ALICE, BOB)
+        renames: list[str] = []
+        real_rename = os.rename
+        real_ensure = self.store.ensure_maildir
+
+        def rename(src: Any, dst: Any) -> None:
+            renames.append(str(dst))
+            real_rename(src, dst)
+
+        def ensure(maildir: str) -> None:
+            if "/bob/" in maildir:
+                raise OSError(28, "No space left on device")
+            real_ensure(maildir)
+
+        patch(self, os, "rename", rename)
+        patch(self, self.store, "ensure_maildir", ensure)
+        before = set(os.listdir(self.maildir(ALICE) / "new"))
+        sink = self.store.open_delivery(Envelope(None, (ALICE, BOB)))
+        sink.write(b"second\n")
+        failure_of(sink.finish(), DeliveryError)
+        self.flushLoggedErrors(OSError)  # type: ignore[no-untyped-call]
+        assert not [r for r in renames if "/new/" in r]  # alice never saw it, even briefly
+        assert set(os.listdir(self.maildir(ALICE) / "new")) == before
+        assert os.listdir(self.maildir(ALICE) / "tmp") == []

@@ -260,7 +260,7 @@ class MaildirStore:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             messages = _Scanner(self, maildir).scan()
-        except OSError as e:
+        except (OSError, UnicodeError) as e:
             os.close(fd)
             _log.error("cannot scan maildir {maildir}: {error}", maildir=maildir, error=e)
             raise MaildropUnavailable("maildrop cannot be read") from None
@@ -508,7 +508,9 @@ class UidList:
     def read(self) -> tuple[int, int, dict[str, int]] | None:
         """(validity, next uid, base -> uid); None when missing. ValueError when corrupt."""
         try:
-            with open(self.path, encoding="utf-8") as f:
+            # File names are bytes: os.listdir hands undecodable ones over as surrogates,
+            # and they must round-trip through this file unchanged.
+            with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
                 lines = f.read().split("\n")
         except FileNotFoundError:
             return None
@@ -543,7 +545,7 @@ class UidList:
         base_of = {uid: base for base, uid in uids.items()}
         body.extend([f"{uid} {base_of[uid]}\n" for uid in sorted(base_of)])
         tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write("".join(body))
             f.flush()
             self.store._fsync(f.fileno())
@@ -660,12 +662,27 @@ class MaildirMaildrop:
         return d.addBoth(done)
 
     def _commit_blocking(self, keys: list[str]) -> int:
+        """Unlink every file of the deleted messages, wherever it now is.
+
+        One listing of cur/ and new/ finds them all: a file another program moved or
+        re-flagged, and a second link of the same base name in the other directory (which
+        would otherwise bring the message back at the next login).
+        """
+        wanted = {key.rpartition("/")[2].partition(":")[0] for key in keys}
+        paths: list[str] = []
+        for sub in ("cur", "new"):
+            directory = os.path.join(self._maildir, sub)
+            try:
+                names = os.listdir(directory)
+            except OSError as e:
+                _log.error("cannot list {path}: {error}", path=directory, error=e)
+                continue
+            paths.extend(
+                os.path.join(directory, name) for name in names if name.partition(":")[0] in wanted
+            )
         failed = 0
         touched: set[str] = set()
-        for key in keys:
-            path = self._find(key)
-            if path is None:
-                continue  # already gone: the goal is reached
+        for path in paths:
             try:
                 os.unlink(path)
                 touched.add(os.path.dirname(path))
@@ -697,6 +714,30 @@ def _sequential(f: IO[bytes]) -> IO[bytes]:
     with contextlib.suppress(AttributeError, OSError):
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
     return f
+
+
+def _publish(staged: list[tuple[str, str]], delivered: list[str], store: MaildirStore) -> None:
+    """Rename every staged copy (tmp/ -> new/), then make each new/ durable.
+
+    Every recipient's copy is staged before any becomes visible, so a failure while staging
+    shows nobody a message the client will send again.
+    """
+    for tmp_target, final in staged:
+        os.rename(tmp_target, final)
+        delivered.append(final)
+    for directory in dict.fromkeys(os.path.dirname(final) for final in delivered):
+        store.fsync_dir(directory)
+
+
+def _roll_back(staged: list[tuple[str, str]], delivered: list[str], store: MaildirStore) -> None:
+    """Undo a partial delivery durably: unlink every copy, then fsync the new/ directories."""
+    published = set(delivered)
+    for path in [*delivered, *(t for t, final in staged if final not in published)]:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    for directory in dict.fromkeys(os.path.dirname(final) for final in delivered):
+        with contextlib.suppress(OSError):
+            store.fsync_dir(directory)
 
 
 def _write_new_file(path: str, data: bytes, fsync: Callable[[int], None]) -> None:
@@ -830,6 +871,7 @@ class MaildirDelivery:
 
     def _finish_blocking(self, f: IO[bytes], path: str, wire: int) -> str:
         store = self._store
+        staged: list[tuple[str, str]] = []
         delivered: list[str] = []
         try:
             f.flush()
@@ -849,15 +891,11 @@ class MaildirDelivery:
                     shutil.copyfile(path, tmp_target)
                     with open(tmp_target, "rb") as c:
                         store._fsync(c.fileno())
-                final = os.path.join(maildir, "new", name)
-                os.rename(tmp_target, final)
-                delivered.append(final)
-                store.fsync_dir(os.path.join(maildir, "new"))
+                staged.append((tmp_target, os.path.join(maildir, "new", name)))
+            _publish(staged, delivered, store)
         except BaseException:
             # All or nothing: the client will retry, so do not leave partial deliveries.
-            for final in delivered:
-                with contextlib.suppress(OSError):
-                    os.unlink(final)
+            _roll_back(staged, delivered, store)
             raise
         finally:
             with contextlib.suppress(OSError):
@@ -875,7 +913,7 @@ class MaildirDelivery:
         if self._saw_cr:  # not LF-only text after all: measure exactly as RETR will send
             wire = wire_size_of_file(io.BytesIO(data))
         first: str | None = None
-        staged: list[str] = []
+        staged: list[tuple[str, str]] = []
         delivered: list[str] = []
         try:
             for maildir in self._targets:
@@ -884,23 +922,17 @@ class MaildirDelivery:
                 tmp_target = os.path.join(maildir, "tmp", name)
                 if first is None:
                     _write_new_file(tmp_target, data, store._fsync)
+                    first = tmp_target
                 else:
                     try:
                         os.link(first, tmp_target)
                     except OSError:
                         _write_new_file(tmp_target, data, store._fsync)
-                staged.append(tmp_target)
-                final = os.path.join(maildir, "new", name)
-                os.rename(tmp_target, final)
-                staged.pop()
-                delivered.append(final)
-                first = first or final
-                store.fsync_dir(os.path.join(maildir, "new"))
+                staged.append((tmp_target, os.path.join(maildir, "new", name)))
+            _publish(staged, delivered, store)
         except BaseException:
             # All or nothing: the client will retry, so do not leave partial deliveries.
-            for path in delivered + staged:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+            _roll_back(staged, delivered, store)
             raise
         return self.queue_id
 
