@@ -300,7 +300,7 @@ class MailgateService(MultiService):
         """Reload certificates and users for new sessions; open sessions carry on."""
         log.info("reloading the TLS certificate and the user database")
         try:
-            self.users._load(strict=False)
+            self.users.reload()
         except Exception:
             log.failure("user database reload failed")
         if self.tls is not None:
@@ -571,6 +571,7 @@ def build_service(
 
     run_in_thread = functools.partial(deferToThreadPool, reactor, reactor.getThreadPool())
     users = UserFile(state / "users")
+    users.background = run_in_thread  # re-read changed user files off the reactor
     if not is_child:
         bootstrap_demo(config, users, out)
     store = MaildirStore(str(state / "mail"), run_in_thread, hostname=config.hostname)

@@ -314,3 +314,40 @@ def test_all_hash_needs_accounts_and_every_one(tmp_path: Path) -> None:
     clock[0] += 2
     assert not db.all_hash(supports_apop)
     assert db.any_hash(supports_apop)
+
+
+def test_server_reload_runs_in_the_background_and_keeps_old_accounts_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """A changed file is re-read through the runner; lookups answer from the old accounts
+    until the new ones are in (the reactor never parses a large file)."""
+    from twisted.internet.defer import Deferred
+
+    from mailgate.auth.passwords import hash_password
+
+    clock = [0.0]
+    path = tmp_path / "users"
+    db = UserFile(path, clock=lambda: clock[0])
+    alice, bob = Address("alice", "example.com"), Address("bob", "example.com")
+    db.add(alice, hash_password("a", "PLAIN"))
+    clock[0] += 2
+    assert db.exists(alice)
+
+    pending: list[tuple[Deferred[object], object]] = []
+
+    def runner(f: object, *args: object) -> Deferred[object]:
+        d: Deferred[object] = Deferred()
+        pending.append((d, f))
+        return d
+
+    db.background = runner
+    other = UserFile(path)  # the admin CLI in another process
+    other.add(bob, hash_password("b", "PLAIN"))
+    clock[0] += 2
+    assert not db.exists(bob)  # not yet: the re-read is in the runner
+    assert db.exists(alice)
+    assert len(pending) == 1
+    assert not db.exists(bob) and len(pending) == 1  # one re-read at a time
+    d, f = pending.pop()
+    d.callback(f())  # type: ignore[operator]
+    assert db.exists(bob)

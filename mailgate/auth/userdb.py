@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -189,6 +190,11 @@ class UserFile:
         self._summaries: dict[tuple[object, bool], bool] = {}
         self._signature: _Signature = None
         self._checked_at = self._clock()
+        #: Set by a server: re-read and parse changed files there, off the reactor thread
+        #: (a 100,000-account file takes about a second); lookups keep the old accounts
+        #: until the new ones are in. None (the CLI): reload inline.
+        self.background: Callable[..., Any] | None = None
+        self._reloading = False
         self._load(strict=True)
 
     # -- IUserDatabase -------------------------------------------------------------------
@@ -304,9 +310,29 @@ class UserFile:
             return
         self._checked_at = now
         if self._stat_signature() != self._signature:
-            self._load(strict=False)
+            self.reload()
 
-    def _load(self, strict: bool) -> None:
+    def reload(self) -> None:
+        """Re-read the file now (SIGHUP); in the background when a runner is set."""
+        if self.background is None:
+            self._load(strict=False)
+            return
+        if self._reloading:
+            return
+        self._reloading = True
+
+        def done(result: tuple[_Signature, Any]) -> None:
+            self._reloading = False
+            self._apply(*result, strict=False)
+
+        def crashed(failure: Any) -> None:
+            self._reloading = False
+            _log.failure("user database reload failed", failure)
+
+        self.background(self._read).addCallbacks(done, crashed)
+
+    def _read(self) -> tuple[_Signature, Any]:
+        """Blocking part of a load: (signature, parsed lines or the error)."""
         signature = self._stat_signature()
         try:
             if signature is None:
@@ -314,8 +340,16 @@ class UserFile:
             else:
                 with open(self.path, "rb") as f:
                     text = f.read().decode("utf-8")
-            lines = parse_lines(text, self.path)
+            return signature, parse_lines(text, self.path)
         except (OSError, UnicodeDecodeError, UserDatabaseError) as e:
+            return signature, e
+
+    def _load(self, strict: bool) -> None:
+        self._apply(*self._read(), strict=strict)
+
+    def _apply(self, signature: _Signature, lines: Any, strict: bool) -> None:
+        if isinstance(lines, Exception):
+            e = lines
             # Remember the broken version so it is not re-parsed every second.
             self._signature = signature
             if isinstance(e, UnicodeDecodeError):
