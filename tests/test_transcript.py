@@ -261,6 +261,16 @@ class Pop3Transcript(unittest.TestCase):
         assert "-- TLS started" in shown
         assert "S: STLS" not in shown
 
+    def test_a_line_that_never_ends_is_recorded_in_bounded_pieces(self) -> None:
+        from mailgate.lab.transcript import MAX_PARTIAL_LINE
+
+        for _ in range(40):  # 40 x 16 KiB without LF: a flood, never one growing buffer
+            self.send(b"x" * 16384)
+            assert len(self.proto._partial) <= MAX_PARTIAL_LINE
+        events = self.close()
+        client = [e for e in events if e["dir"] == "C"]
+        assert sum(len(e["data"]) for e in client) == 40 * 16384  # nothing lost
+
     def test_partial_line_at_close_is_recorded(self) -> None:
         self.send(b"PASS half-typed")
         events = self.close()

@@ -48,6 +48,8 @@ from mailgate.lab.phase import Phase, PhaseTracker, verb_of
 log = Logger()
 
 MASK = b"****"
+#: Longest partial client line kept while waiting for its LF (then recorded as it is).
+MAX_PARTIAL_LINE = 65536
 _ID = re.compile(r"[0-9]{8}T[0-9]{6}-[0-9a-f]{8}")
 
 
@@ -249,6 +251,12 @@ class TranscriptProtocol(ProtocolWrapper):
                 self.recorder.client(self._masker.client_line(line), len(line))
                 start = end + 1
             self._partial = buffer[start:]
+            if len(self._partial) > MAX_PARTIAL_LINE:
+                # A client that never ends its line (a binary flood): record what came as
+                # one event and start again, so memory and copying stay bounded.
+                line = self._partial
+                self.recorder.client(self._masker.client_line(line), len(line))
+                self._partial = b""
         super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def write(self, data: bytes) -> None:
