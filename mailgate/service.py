@@ -575,6 +575,8 @@ def build_service(
     if not is_child:
         bootstrap_demo(config, users, out)
     store = MaildirStore(str(state / "mail"), run_in_thread, hostname=config.hostname)
+    if not is_child:
+        store.sweep_stale()  # before any worker starts delivering
     spool = Spool(state / "spool", run_in_thread, reactor)
     realm = MailRealm(store, users, config.all_local_domains, spool)
     checker = PasswordChecker(

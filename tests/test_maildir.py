@@ -685,3 +685,13 @@ class ReviewFindingsTests(MaildirTestCase):
         assert not [r for r in renames if "/new/" in r]  # alice never saw it, even briefly
         assert set(os.listdir(self.maildir(ALICE) / "new")) == before
         assert os.listdir(self.maildir(ALICE) / "tmp") == []
+
+    def test_stale_partial_deliveries_are_swept_but_fresh_ones_kept(self) -> None:
+        spool = Path(self.store.spool)
+        spool.mkdir(parents=True, exist_ok=True)
+        old, fresh = spool / "old.part", spool / "fresh.part"
+        old.write_bytes(b"x")
+        fresh.write_bytes(b"y")
+        os.utime(old, (1_000_000, 1_000_000))
+        assert self.store.sweep_stale(now=1_000_000 + 37 * 3600) == 1
+        assert not old.exists() and fresh.exists()

@@ -53,6 +53,8 @@ _log = Logger()
 LOCK_NAME = "mailgate.lock"
 UIDLIST_NAME = "mailgate-uidlist"
 SPOOL_NAME = ".incoming"
+#: Age after which a leftover partial delivery is garbage (the Maildir rule for tmp/: 36 h).
+STALE_AGE = 36 * 3600.0
 
 # Process-wide, so two store instances in one process never produce the same name.
 _counter = itertools.count(1)
@@ -163,6 +165,26 @@ class MaildirStore:
         self._states: OrderedDict[str, _MaildirState] = OrderedDict()
         self._states_lock = threading.Lock()
         self.cache_messages = cache_messages
+
+    def sweep_stale(self, max_age: float = STALE_AGE, now: float | None = None) -> int:
+        """Remove what crashed deliveries left in ``.incoming`` (start-up, master only).
+
+        Only files older than ``max_age`` (36 h, the Maildir convention for tmp/) go, so a
+        delivery another process is writing right now is never touched. Returns the count.
+        """
+        cutoff = (time.time() if now is None else now) - max_age
+        removed = 0
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.spool):
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+        if removed:
+            _log.info(
+                "removed {n} stale partial deliveries from {path}", n=removed, path=self.spool
+            )
+        return removed
 
     # -- paths ---------------------------------------------------------------------------
 
