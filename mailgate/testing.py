@@ -11,7 +11,10 @@ import itertools
 from collections.abc import Sequence
 from typing import IO
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from mailgate.errors import MaildropInUse
@@ -175,3 +178,30 @@ class _QueueSink:
 
     def abort(self) -> None:
         self.aborted = True
+
+
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    """A StringTransport a protocol can STLS/STARTTLS on: startTLS calls are recorded."""
+
+    def __init__(self, peer_host: str = "192.0.2.7", peer_port: int = 40000) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", peer_host, peer_port))  # type: ignore[no-untyped-call]
+        self.tls_started: list[object] = []
+
+    def startTLS(self, contextFactory: object) -> None:
+        self.tls_started.append(contextFactory)
+
+    def loseWriteConnection(self) -> None:
+        self.loseConnection()  # type: ignore[no-untyped-call]
+
+    def getTcpNoDelay(self) -> bool:
+        return False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def getTcpKeepAlive(self) -> bool:
+        return False
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass

@@ -10,12 +10,9 @@ from typing import Any, cast
 
 import pytest
 from twisted.cred.portal import Portal
-from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import IProtocolFactory, ITLSTransport
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailgate.auth.checker import PasswordChecker, plaintext_verify
 from mailgate.config import FaultRule, parse_config
@@ -25,7 +22,7 @@ from mailgate.lab.transcript import TranscriptFactory, TranscriptStore, read_eve
 from mailgate.pop3 import Pop3Factory, Pop3Settings
 from mailgate.realm import MailRealm
 from mailgate.smtp.server import SmtpFactory, SmtpSettings
-from mailgate.testing import MemoryMailStore, MemoryUserDatabase
+from mailgate.testing import MemoryMailStore, MemoryUserDatabase, TLSStringTransport
 
 TLS_CONTEXT = object()
 
@@ -36,34 +33,9 @@ def make_portal() -> Portal:
     return Portal(realm, [PasswordChecker(users, "example.com", plaintext_verify)])
 
 
-@implementer(ITLSTransport)
-class TLSTransport(StringTransport):
+class WriteLog(TLSStringTransport):
     def __init__(self) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.9", 4000))
-        self.tls_started: list[object] = []
-
-    def startTLS(self, contextFactory: object) -> None:
-        self.tls_started.append(contextFactory)
-
-    def loseWriteConnection(self) -> None:
-        self.loseConnection()
-
-    def getTcpNoDelay(self) -> bool:
-        return False
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        pass
-
-    def getTcpKeepAlive(self) -> bool:
-        return False
-
-    def setTcpKeepAlive(self, enabled: bool) -> None:
-        pass
-
-
-class WriteLog(TLSTransport):
-    def __init__(self) -> None:
-        super().__init__()
+        super().__init__("192.0.2.9", 4000)
         self.writes: list[bytes] = []
 
     def write(self, data: bytes) -> None:

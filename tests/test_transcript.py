@@ -15,14 +15,12 @@ from twisted.cred.portal import Portal
 from twisted.internet import reactor as global_reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTCP, ITLSTransport
+from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from mailgate.admin import main as admin_main
 from mailgate.auth.checker import PasswordChecker, plaintext_verify
@@ -42,6 +40,7 @@ from mailgate.pop3 import Pop3Factory, Pop3Settings
 from mailgate.realm import MailRealm
 from mailgate.smtp.server import SmtpFactory, SmtpSettings
 from mailgate.testing import MemoryMailStore, MemoryUserDatabase
+from mailgate.testing import TLSStringTransport as TLSTransport
 
 T0 = 1700000000.25  # 2023-11-14 22:13:20 UTC
 
@@ -50,33 +49,6 @@ def make_portal(store: MemoryMailStore) -> Portal:
     users = MemoryUserDatabase({"alice@example.com": "s3cr3t-pw"})
     realm = MailRealm(store, users, ["example.com"])
     return Portal(realm, [PasswordChecker(users, "example.com", plaintext_verify)])
-
-
-@implementer(ITLSTransport)
-class TLSTransport(StringTransport):
-    """Records startTLS calls (the protocol sees an ITLSTransport)."""
-
-    def __init__(self) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
-        self.tls_started: list[object] = []
-
-    def startTLS(self, contextFactory: object) -> None:
-        self.tls_started.append(contextFactory)
-
-    def loseWriteConnection(self) -> None:
-        self.loseConnection()
-
-    def getTcpNoDelay(self) -> bool:
-        return False
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        pass
-
-    def getTcpKeepAlive(self) -> bool:
-        return False
-
-    def setTcpKeepAlive(self, enabled: bool) -> None:
-        pass
 
 
 class CapturingStore(TranscriptStore):
