@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
         "mailgate.recipients",
         # Only the pure fail2ban line and penalty timer; the throttle itself is injected.
         "mailgate.authlog",
+        "mailgate.session",
     },
     "mailgate.smtp": {
         "mailgate.interfaces",
@@ -40,6 +41,7 @@ ALLOWED: dict[str, set[str]] = {
         "mailgate.headers",
         # Only the pure fail2ban line and penalty timer; the throttle itself is injected.
         "mailgate.authlog",
+        "mailgate.session",
     },
     "mailgate.store": {
         "mailgate.interfaces",
@@ -56,6 +58,7 @@ ALLOWED: dict[str, set[str]] = {
         "mailgate.authlog",
     },
     "mailgate.authlog": set(),
+    "mailgate.session": set(),
     "mailgate.limits": {"mailgate.authlog"},
     "mailgate.lab": {
         "mailgate.interfaces",

@@ -18,7 +18,6 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
-    IDelayedCall,
     IOpenSSLServerConnectionCreator,
     IPullProducer,
     IReactorTime,
@@ -27,7 +26,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -59,6 +57,7 @@ from mailgate.pop3._grammar import (
     parse_xtnd,
 )
 from mailgate.pop3.xtnd import XmitPolicy, XmitReceiver, first_header_lines
+from mailgate.session import ClockedTimeout, set_no_delay
 from mailgate.wire import WireEncoder
 
 log = Logger()
@@ -329,7 +328,7 @@ class MessageStream:
 Handler = Callable[["Pop3Server", Command], None]
 
 
-class Pop3Server(Protocol, TimeoutMixin):
+class Pop3Server(Protocol, ClockedTimeout):
     """One POP3 session.
 
     Input is framed by our own :class:`LineFramer` rather than LineReceiver: we need a
@@ -383,13 +382,6 @@ class Pop3Server(Protocol, TimeoutMixin):
 
     # -- transport plumbing ---------------------------------------------------------------
 
-    def callLater(self, period: float, func: Callable[[], None]) -> IDelayedCall:
-        """TimeoutMixin's hook: run timers on the injected clock."""
-        return self._clock.callLater(period, func)
-
-    def _set_timeout(self, period: float | None) -> None:
-        self.setTimeout(period)  # type: ignore[no-untyped-call]
-
     @property
     def _transport(self) -> ITransport:
         assert self.transport is not None
@@ -406,12 +398,7 @@ class Pop3Server(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         transport = self._transport
-        nodelay = getattr(transport, "setTcpNoDelay", None)
-        if callable(nodelay):
-            try:
-                nodelay(True)
-            except Exception:
-                pass  # not a TCP socket underneath (e.g. in-memory); nothing to tune
+        set_no_delay(transport)
         peer = transport.getPeer()
         host = getattr(peer, "host", "")
         self._peer = f"{host}:{getattr(peer, 'port', '')}"

@@ -22,11 +22,10 @@ from typing import Any, ClassVar, TypeVar
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITLSTransport
+from twisted.internet.interfaces import IAddress, IReactorTime, ITLSTransport
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mailgate import sasl
@@ -45,6 +44,7 @@ from mailgate.headers import (
 )
 from mailgate.interfaces import IAuthThrottle, IMessageSink, ISubmission
 from mailgate.model import Address, Envelope
+from mailgate.session import ClockedTimeout, set_no_delay
 from mailgate.smtp._grammar import (
     MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
@@ -205,7 +205,7 @@ def _delivery_reply(e: DeliveryError) -> bytes:
     return reply(550, "5.7.1", text)
 
 
-class SmtpServer(LineReceiver, TimeoutMixin):
+class SmtpServer(LineReceiver, ClockedTimeout):
     """One submission session."""
 
     _table: ClassVar[dict[tuple[State, str], _Handler]] = {}
@@ -255,13 +255,6 @@ class SmtpServer(LineReceiver, TimeoutMixin):
 
     # -- connection ---------------------------------------------------------------------
 
-    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
-        """TimeoutMixin schedules on the injected clock, never the global reactor."""
-        return self._clock.callLater(period, func)
-
-    def _set_timeout(self, period: float | None) -> None:
-        self.setTimeout(period)  # type: ignore[no-untyped-call]
-
     @property
     def _transport(self) -> Any:
         """The transport, whatever extra interfaces (TCP, TLS, producer) it provides."""
@@ -270,12 +263,7 @@ class SmtpServer(LineReceiver, TimeoutMixin):
     def connectionMade(self) -> None:
         peer = self._transport.getPeer()
         self._peer_ip = str(getattr(peer, "host", "unknown"))
-        set_no_delay = getattr(self._transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            try:
-                set_no_delay(True)
-            except Exception:
-                pass  # not a TCP socket underneath: nothing to tune
+        set_no_delay(self._transport)
         self._set_timeout(self._settings.timeout)
         try:
             # Evaluated per connection, so a user-file change takes effect at once.
