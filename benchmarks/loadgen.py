@@ -97,7 +97,10 @@ async def _worker(
     async def client(index: int) -> None:
         while time.monotonic() < deadline and state["ops"] < cap:
             try:
-                state["ops"] += await asyncio.wait_for(_one_op(job, index, tls), OP_TIMEOUT)
+                # Not `state["ops"] += await ...`: that reads the counter before the await
+                # and writes it back after, losing every op another client counted meanwhile.
+                done = await asyncio.wait_for(_one_op(job, index, tls), OP_TIMEOUT)
+                state["ops"] += done
             except (OSError, clients.ProtocolError, TimeoutError, asyncio.IncompleteReadError) as e:
                 state["errors"] += 1
                 if not state["first_error"]:
