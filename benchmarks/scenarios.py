@@ -29,6 +29,7 @@ class Sizes:
 
     def boxes(self) -> list[seed.Mailbox]:
         boxes = [seed.Mailbox(f"s{i:02d}", self.retr_count, self.retr_size) for i in range(16)]
+        boxes += [seed.Mailbox(f"a{i:02d}", self.retr_count, self.retr_size) for i in range(16)]
         boxes += [
             seed.Mailbox("big", 1, self.big_size),
             seed.Mailbox("huge", self.huge_count, 600),
@@ -48,6 +49,13 @@ FULL = Sizes(
 )  # fmt: skip
 
 SESSION_USERS = [(f"s{i:02d}@{seed.DOMAIN}", PASSWORD) for i in range(16)]
+#: The same sessions with Argon2id accounts (mailgate's default scheme), see run.py.
+ARGON2_USERS = [(f"a{i:02d}@{seed.DOMAIN}", PASSWORD) for i in range(16)]
+
+
+def argon2_account(local: str) -> bool:
+    """Whether a seeded account gets an Argon2id hash; every other one is ``{PLAIN}``."""
+    return local.startswith("a")
 
 
 def _user(local: str) -> str:
@@ -87,11 +95,13 @@ def closed_loop(server: Server, job: loadgen.Job, roots: list[int], unit: str) -
     return figures
 
 
-def pop3_sessions(server: Server, sizes: Sizes, tls: bool = False) -> Figures:
+def pop3_sessions(
+    server: Server, sizes: Sizes, tls: bool = False, users: list[tuple[str, str]] = SESSION_USERS
+) -> Figures:
     port = server.ports.pop3s if tls else server.ports.pop3
     job = loadgen.Job(
         "pop3_session", port, sizes.concurrency, sizes.duration, tls=tls,
-        users=SESSION_USERS, nretr=sizes.retr_count,
+        users=users, nretr=sizes.retr_count,
     )  # fmt: skip
     return closed_loop(server, job, server.roots, "sessions")
 

@@ -221,6 +221,10 @@ service pop3-login {{
 }}
 service pop3 {{
   process_limit = {limit}
+  # Reuse pop3 processes across sessions (the "service_count=0" figure) rather
+  # than one fork per session, Dovecot's high-performance mode.
+  service_count = 0
+  process_min_avail = 4
 }}
 service auth {{
   unix_listener auth-client {{

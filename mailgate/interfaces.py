@@ -35,7 +35,10 @@ class IMaildrop(Interface):
     account = Attribute("Address: whose maildrop this is (XTND XMIT sends as this account)")
 
     def open_message(index: int) -> IO[bytes]:
-        """Open the stored bytes of message ``index`` (any line ends; the caller normalises)."""
+        """Open the stored bytes of message ``index`` (any line ends; the caller normalises).
+
+        Like a regular file, ``read(n)`` returns fewer than ``n`` bytes only at the end.
+        """
 
     def commit(deleted: Sequence[int]) -> Deferred[int]:
         """Remove these messages for good (POP3 UPDATE) and release the lock.

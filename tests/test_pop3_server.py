@@ -123,14 +123,16 @@ class BrokenReadMaildrop(MemoryMaildrop):
     def open_message(self, index: int) -> IO[bytes]:
         if index == 0:
             raise RuntimeError("secret path /var/mail")
-        return ExplodingFile(b"x" * 100)
+        return ExplodingFile(b"x\n" * CHUNK_SIZE)
 
 
 class ExplodingFile(io.BytesIO):
+    """A full first chunk (so the stream reads on), then an I/O error."""
+
     def read(self, size: int | None = -1) -> bytes:
         if self.tell() > 0:
             raise OSError("EIO")
-        return super().read(10)
+        return super().read(size)
 
 
 class BrokenReadStore(MemoryMailStore):

@@ -284,12 +284,9 @@ class MessageStream:
             return
         try:
             data = self._source.read(self._chunk_size)
-            eof = not data
-            if data and len(data) < self._chunk_size:
-                # A short read is usually the end; look once more so "." joins this write.
-                extra = self._source.read(self._chunk_size)
-                eof = not extra
-                data += extra
+            # A Maildir message is a regular file never written after delivery: a short
+            # read is its end, so "." joins this write without a second read to confirm.
+            eof = len(data) < self._chunk_size
             out = self._encoder.feed(data) if data else b""
             if self._limiter is not None:
                 out = self._limiter.feed(out)

@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -165,6 +165,9 @@ class MaildirStore:
         self._states: OrderedDict[str, _MaildirState] = OrderedDict()
         self._states_lock = threading.Lock()
         self.cache_messages = cache_messages
+        #: Maildirs this process has seen complete (new, cur, tmp); a failed delivery or
+        #: scan forgets them all, so a directory removed meanwhile is made again.
+        self._complete: set[str] = set()
 
     def sweep_stale(self, max_age: float = STALE_AGE, now: float | None = None) -> int:
         """Remove what crashed deliveries left in ``.incoming`` (start-up, master only).
@@ -207,8 +210,12 @@ class MaildirStore:
             os.close(fd)
 
     def ensure_maildir(self, maildir: str) -> None:
-        """Create ``new``, ``cur`` and ``tmp`` on demand, durably."""
+        """Create ``new``, ``cur`` and ``tmp`` on demand, durably (checked once per process
+        and Maildir: three stats per login or delivery were a measurable share of both)."""
+        if maildir in self._complete:
+            return
         if all(os.path.isdir(os.path.join(maildir, sub)) for sub in ("new", "cur", "tmp")):
+            self._complete.add(maildir)
             return
         for sub in ("new", "cur", "tmp"):
             os.makedirs(os.path.join(maildir, sub), mode=0o700, exist_ok=True)
@@ -219,6 +226,11 @@ class MaildirStore:
             if path == self.root or len(path) <= len(self.root):
                 break
             path = os.path.dirname(path)
+        self._complete.add(maildir)
+
+    def forget_maildirs(self) -> None:
+        """After an I/O failure: check every Maildir's directories again on next use."""
+        self._complete.clear()
 
     def unique_name(self, file_size: int, wire_size: int) -> str:
         now = time.time_ns()
@@ -279,17 +291,26 @@ class MaildirStore:
             _log.error("cannot lock maildir {maildir}: {error}", maildir=maildir, error=e)
             raise MaildropUnavailable("maildrop cannot be locked") from None
         try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            _name_holder(fd)
             messages = _Scanner(self, maildir).scan()
         except (OSError, UnicodeError) as e:
             os.close(fd)
+            self.forget_maildirs()
             _log.error("cannot scan maildir {maildir}: {error}", maildir=maildir, error=e)
             raise MaildropUnavailable("maildrop cannot be read") from None
         except BaseException:
             os.close(fd)
             raise
         return MaildirMaildrop(self, maildir, fd, messages, address)
+
+
+def _name_holder(fd: int) -> None:
+    """Write our pid into the lock file for humans, unless it already says so (a rewrite
+    dirties the inode on every login: a journal write for nothing)."""
+    mine = f"{os.getpid()}\n".encode()
+    if os.pread(fd, 32, 0) != mine:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, mine, 0)
 
 
 #: What a scan learnt about one message file: (base name, wire size, delivery time).
@@ -657,24 +678,33 @@ class MaildirMaildrop:
         the kernel's readahead so a cold file is mostly read ahead of the producer rather
         than under it. A thread hop per chunk would cost more than the read itself.
         """
-        key = self.messages[index].key
+        message = self.messages[index]
+        key = message.key
+        # Unbuffered: the stream reads whole chunks; a BufferedReader would only copy them.
         try:
-            return _sequential(open(os.path.join(self._maildir, key), "rb"))
+            f = _open_unbuffered(os.path.join(self._maildir, key))
         except FileNotFoundError:
             path = self._find(key)
             try:
-                if path is not None:
-                    return _sequential(open(path, "rb"))
+                if path is None:
+                    raise MaildropUnavailable("message vanished") from None
+                f = _open_unbuffered(path)
             except OSError:
-                pass
+                raise MaildropUnavailable("message vanished") from None
         except OSError as e:
             _log.error("cannot open message {key}: {error}", key=key, error=e)
-        raise MaildropUnavailable("message vanished")
+            raise MaildropUnavailable("message vanished") from None
+        if message.size > _READAHEAD_FROM:
+            _sequential(f)
+        return f
 
     def commit(self, deleted: Sequence[int]) -> Deferred[int]:
         if self._lock_fd is None:
             return fail(MaildropUnavailable("maildrop already released"))
         keys = [self.messages[i].key for i in sorted(set(deleted))]
+        if not keys:  # nothing to remove: no thread hop, no listing
+            self.release()
+            return succeed(0)
         d: Deferred[int] = self._store._run(self._commit_blocking, keys)
 
         def done(result: int | Failure) -> int | Failure:
@@ -729,6 +759,15 @@ class MaildirMaildrop:
     def __del__(self) -> None:
         # A session that vanished without release() must not keep the mailbox locked.
         self.release()
+
+
+#: Messages larger than this (wire octets) get the sequential-read hint; for a small one
+#: the extra syscall costs more than any readahead could save.
+_READAHEAD_FROM = 1 << 20
+
+
+def _open_unbuffered(path: str) -> IO[bytes]:
+    return open(path, "rb", buffering=0)
 
 
 def _sequential(f: IO[bytes]) -> IO[bytes]:
@@ -918,6 +957,7 @@ class MaildirDelivery:
         except BaseException:
             # All or nothing: the client will retry, so do not leave partial deliveries.
             _roll_back(staged, delivered, store)
+            store.forget_maildirs()
             raise
         finally:
             with contextlib.suppress(OSError):
@@ -955,6 +995,7 @@ class MaildirDelivery:
         except BaseException:
             # All or nothing: the client will retry, so do not leave partial deliveries.
             _roll_back(staged, delivered, store)
+            store.forget_maildirs()
             raise
         return self.queue_id
 
