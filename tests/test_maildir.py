@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -618,6 +619,70 @@ class ScanCacheTests(MaildirTestCase):
         assert [m.size for m in drop.messages] == [5, 4 + 2]
         assert drop.messages[1].key.startswith("cur/1700000000.foreign,S=4,W=6:2,")
         drop.release()
+
+    def age_dirs(self, seconds: float = 60.0, who: Address = ALICE) -> None:
+        """Make new/ and cur/ look untouched for ``seconds`` (a quiet mailbox)."""
+        past = time.time() - seconds
+        for sub in ("new", "cur"):
+            os.utime(self.maildir(who) / sub, (past, past))
+
+    def count_listings(self) -> list[str]:
+        seen: list[str] = []
+        real_scandir, real_listdir = os.scandir, os.listdir
+
+        def scandir(path: Any) -> Any:
+            seen.append(str(path))
+            return real_scandir(path)
+
+        def listdir(path: Any) -> list[str]:
+            seen.append(str(path))
+            return real_listdir(path)
+
+        patch(self, os, "scandir", scandir)
+        patch(self, os, "listdir", listdir)
+        return seen
+
+    def test_quiet_maildir_is_not_listed_again(self) -> None:
+        for i in range(3):
+            self.deliver(b"m%d\n" % i)
+        self.age_dirs()
+        first = self.open()
+        uids = [m.uid for m in first.messages]
+        first.release()
+        seen = self.count_listings()
+        again = self.open()
+        assert [m.uid for m in again.messages] == uids
+        again.release()
+        assert seen == []
+
+    def test_a_change_to_a_quiet_maildir_is_seen(self) -> None:
+        self.deliver(b"m0\n")
+        self.age_dirs()
+        self.open().release()
+        other = self.make_store()  # another process delivers: new/ gets a fresh mtime
+        sink = other.open_delivery(Envelope(None, (ALICE,)))
+        sink.write(b"m1\n")
+        self.successResultOf(sink.finish())
+        drop = self.open()
+        assert len(drop.messages) == 2
+        drop.release()
+        # ... and a deletion by the other process, once the directories are quiet again
+        self.age_dirs()
+        self.open().release()
+        drop = self.open(store=other)
+        self.successResultOf(drop.commit([0]))
+        drop = self.open()
+        assert len(drop.messages) == 1
+        drop.release()
+
+    def test_recently_changed_maildir_is_listed_every_time(self) -> None:
+        """An mtime within QUIET_DIR of now is not trusted: a change in the same
+        timestamp tick as the listing would not move it."""
+        self.deliver(b"m0\n")
+        self.open().release()
+        seen = self.count_listings()
+        self.open().release()
+        assert any(p.endswith("/new") for p in seen)
 
     def test_scan_cache_is_bounded(self) -> None:
         store = MaildirStore(

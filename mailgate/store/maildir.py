@@ -327,7 +327,7 @@ class _MaildirState:
     (inode, size, mtime, ctime) is unchanged, so another process's rewrite is always read.
     """
 
-    __slots__ = ("by_name", "messages", "stamp", "state", "uids")
+    __slots__ = ("by_name", "dirs", "messages", "stamp", "state", "uids")
 
     def __init__(
         self,
@@ -336,12 +336,33 @@ class _MaildirState:
         state: tuple[int, int, dict[str, int]],
         uids: dict[str, int],
         messages: tuple[MessageInfo, ...],
+        dirs: tuple[_Stamp, _Stamp] | None = None,
     ) -> None:
         self.by_name = by_name
         self.stamp = stamp
         self.state = state
         self.uids = uids
         self.messages = messages
+        #: new/ and cur/ as they were before this scan listed them, kept only when both had
+        #: been quiet for QUIET_DIR seconds (see _Scanner.scan); None: list them next time.
+        self.dirs = dirs
+
+
+#: A directory whose mtime is at least this old when it is listed is trusted to be
+#: unchanged while its (inode, size, mtime, ctime) stays the same: far above any file
+#: system's timestamp granularity, so a change right after the listing still moves mtime.
+QUIET_DIR = 2.0
+
+
+def _quiet_stamps(new: str, cur: str, now: float) -> tuple[_Stamp, _Stamp] | None:
+    """Stamps of new/ and cur/ if neither changed in the last QUIET_DIR seconds."""
+    stamps = []
+    for path in (new, cur):
+        st = os.stat(path)
+        if st.st_mtime > now - QUIET_DIR:
+            return None
+        stamps.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return stamps[0], stamps[1]
 
 
 def _stamp(path: str) -> _Stamp | None:
@@ -462,6 +483,17 @@ class _Scanner:
         cached = store._state_of(self.maildir)
         known = cached.by_name if cached is not None else {}
         now = time.time()
+        dirs = _quiet_stamps(self.new, self.cur, now)
+        # Neither directory changed since a listing made while both were quiet: the same
+        # files are there. Only the uidlist can differ (another process's rewrite).
+        if (
+            cached is not None
+            and dirs is not None
+            and dirs == cached.dirs
+            and _stamp(os.path.join(self.maildir, UIDLIST_NAME)) == cached.stamp
+        ):
+            store._remember(self.maildir, cached)
+            return list(cached.messages)
         in_new = self._regular_names(self.new)
         if cached is None:
             in_cur = self._regular_names(self.cur)
@@ -523,7 +555,10 @@ class _Scanner:
                 )
             )
         new_state = (validity, uidlist.last_next_uid, uids)
-        store._remember(self.maildir, _MaildirState(by_name, stamp, new_state, uids, messages))
+        if moved:
+            dirs = None  # changed by this very scan
+        state_now = _MaildirState(by_name, stamp, new_state, uids, messages, dirs)
+        store._remember(self.maildir, state_now)
         return list(messages)
 
     def _is_regular(self, name: str) -> bool:
