@@ -760,3 +760,27 @@ class ReviewFindingsTests(MaildirTestCase):
         os.utime(old, (1_000_000, 1_000_000))
         assert self.store.sweep_stale(now=1_000_000 + 37 * 3600) == 1
         assert not old.exists() and fresh.exists()
+
+
+def test_delivery_order_matches_the_full_key_for_any_mix_of_names() -> None:
+    """The string-sort shortcut of in_delivery_order gives exactly the order of sorting by
+    the full delivery key (ties by name), for ours, foreign and odd names mixed."""
+    import random
+
+    from mailgate.store.maildir import _delivery_rank, in_delivery_order
+
+    rng = random.Random(6)
+    for _ in range(2000):
+        names = set()
+        for _ in range(rng.randint(0, 25)):
+            secs = rng.choice([1700000000, 1700000001, 1700000002, 999999999, 17000000000])
+            roll = rng.random()
+            if roll < 0.6:
+                q = rng.randint(0, 50)
+                names.add(f"{secs}.M{rng.randint(0, 999999)}P{rng.randint(1, 99)}Q{q}.h,S=1,W=2")
+            elif roll < 0.8:
+                names.add(f"{secs}.foreign{rng.randint(0, 9)}")
+            else:
+                names.add(rng.choice(["abc", "x.y", "1700000000", "1700000000.", "0001700000.x"]))
+        expected = sorted(sorted(names), key=_delivery_rank)
+        assert in_delivery_order(names) == expected
