@@ -6,6 +6,7 @@ file and the key, so a typo never silently runs a server with a default.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -240,6 +241,9 @@ def network_predicate(networks: Iterable[Network]) -> Callable[[str], bool]:
     """A fast ``peer ip -> bool`` test for membership in any of ``networks``."""
     nets = tuple(networks)
 
+    # Called several times per command with the same few peers: parsing the address
+    # each time was ~90 us per submitted message.
+    @functools.lru_cache(maxsize=4096)
     def contains(host: str) -> bool:
         if not nets:
             return False

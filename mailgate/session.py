@@ -1,12 +1,14 @@
-"""Transport plumbing both line protocols share: timers on an injected clock, TCP_NODELAY."""
+"""Transport plumbing both line protocols share: timers on an injected clock, TCP_NODELAY,
+replies sent without a reactor turn."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.protocols.policies import TimeoutMixin
+from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin
 
 
 class ClockedTimeout(TimeoutMixin):
@@ -32,3 +34,38 @@ def set_no_delay(transport: Any) -> None:
             set_it(True)
         except Exception:
             pass  # not a TCP socket underneath (e.g. in-memory): nothing to tune
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, but sent at once when a plain TCP connection is idle.
+
+    Twisted queues every write until the next writable event, switching the socket's
+    epoll interest on and off around it: two ``epoll_ctl`` calls per reply, which the
+    submission profile showed as a fifth of the reactor's time. When nothing is queued, no
+    producer is registered and there is no TLS, sending right away is the same bytes in
+    the same order; whatever the socket does not take is queued the usual way. Any wrapper
+    that looks at writes (transcripts, faults, TLS) stops the shortcut.
+    """
+    below = transport
+    while type(below).write is ProtocolWrapper.write:
+        below = below.transport
+    if (
+        type(below) is tcp.Server
+        and not below.TLS
+        and below.connected
+        and not below.disconnecting
+        and not below._writeDisconnected
+        and below.producer is None
+        and not below._tempDataLen
+        and len(below.dataBuffer) == below.offset
+    ):
+        try:
+            sent = below.socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = 0  # Twisted's own write path meets and reports the error
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)

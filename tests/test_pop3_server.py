@@ -754,8 +754,14 @@ class Transaction(unittest.TestCase):
         assert parts[2] == b"+OK\r\n"
         assert len(s.transport.writes) == 4
 
+    def big_session(self) -> Session:
+        """Message 2 is larger than one chunk, so RETR 2 streams through a producer."""
+        s = Session(with_messages(MSG1, b"big\n" * (CHUNK_SIZE // 2) + b"Bye\n"))
+        assert s.login().startswith(b"+OK")
+        return s
+
     def test_commands_behind_a_stream_wait_for_it(self) -> None:
-        s = self.s
+        s = self.big_session()
         out = s.send(b"RETR 2\r\nSTAT\r\nRETR 1\r\nNOOP\r\n", pump=False)
         assert out == b""
         s.pump()
@@ -766,12 +772,12 @@ class Transaction(unittest.TestCase):
         assert reply.endswith(b"Bye\r\n.\r\n+OK\r\n")
 
     def test_retr_status_shares_first_write(self) -> None:
-        s = self.s
-        s.send(b"RETR 1\r\n", pump=False)
+        s = self.big_session()
+        s.send(b"RETR 2\r\n", pump=False)
         assert s.transport.writes == []
         assert s.transport.producer is not None
         assert not s.transport.streaming
-        s.pump()
+        s.transport.producer.resumeProducing()
         assert len(s.transport.writes) == 1
         assert s.transport.writes[0].startswith(b"+OK")
 
@@ -799,8 +805,8 @@ class Transaction(unittest.TestCase):
         assert "autologout" in text and "alice" in text
 
     def test_timer_suspended_while_streaming(self) -> None:
-        s = self.s
-        s.send(b"RETR 1\r\n", pump=False)
+        s = self.big_session()
+        s.send(b"RETR 2\r\n", pump=False)
         s.clock.advance(5000)
         assert not s.closed
         s.pump()
@@ -810,17 +816,26 @@ class Transaction(unittest.TestCase):
         assert s.closed
 
     def test_drop_during_stream(self) -> None:
-        s = self.s
-        s.send(b"RETR 1\r\n", pump=False)
+        s = self.big_session()
+        s.send(b"RETR 2\r\n", pump=False)
         producer = s.transport.producer
         s.drop()
-        assert ALICE not in self.store.locked
+        assert ALICE not in s.store.locked
         assert producer is not None
         producer.resumeProducing()  # a late pull after the drop writes nothing
         assert s.take() == b""
 
-    def test_backlog_pauses_reading_while_busy(self) -> None:
+    def test_small_message_is_sent_in_one_write_without_a_producer(self) -> None:
         s = self.s
+        out = s.send(b"RETR 1\r\n", pump=False)  # no reactor turn needed: already written
+        assert s.transport.producer is None
+        assert s.transport.writes == [out]
+        assert out == b"+OK %d octets\r\n" % self.size1 + encode_all([MSG1]) + b".\r\n"
+
+    def test_backlog_pauses_reading_while_busy(self) -> None:
+        store = with_messages(MSG1, b"big\n" * (CHUNK_SIZE // 2))  # streamed: RETR stays busy
+        s = Session(store)
+        assert s.login().startswith(b"+OK")
         s.send(b"RETR 2\r\n" + b"NOOP\r\n" * 20000, pump=False)
         assert s.transport.producerState == "paused"
         s.pump()

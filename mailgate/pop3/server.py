@@ -57,7 +57,7 @@ from mailgate.pop3._grammar import (
     parse_xtnd,
 )
 from mailgate.pop3.xtnd import XmitPolicy, XmitReceiver, first_header_lines
-from mailgate.session import ClockedTimeout, set_no_delay
+from mailgate.session import ClockedTimeout, set_no_delay, write_now
 from mailgate.wire import WireEncoder
 
 log = Logger()
@@ -278,6 +278,9 @@ class MessageStream:
         self._done = done
         self._chunk_size = chunk_size
         self._finished = False
+        #: Whether the consumer has us registered, as whoever made us is expected to do;
+        #: a message sent in one go (see Pop3Server._start_stream) never is.
+        self.registered = True
 
     def resumeProducing(self) -> None:
         if self._finished:
@@ -305,7 +308,7 @@ class MessageStream:
         payload = self._prefix + out
         self._prefix = b""
         if payload:
-            self._consumer.write(payload)
+            write_now(self._consumer, payload)
         if eof:
             self._finish(True)
 
@@ -315,10 +318,16 @@ class MessageStream:
             self._finished = True
             self._source.close()
 
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
     def _finish(self, success: bool) -> None:
         self._finished = True
         self._source.close()
-        self._consumer.unregisterProducer()
+        if self.registered:
+            self.registered = False
+            self._consumer.unregisterProducer()
         self._done(success)
 
 
@@ -387,7 +396,7 @@ class Pop3Server(Protocol, ClockedTimeout):
     def _send(self, data: bytes) -> None:
         """Every reply leaves in exactly one write."""
         if self.state is not State.CLOSED:
-            self._transport.write(data)
+            write_now(self._transport, data)
 
     def _close(self) -> None:
         self.state = State.CLOSED
@@ -939,8 +948,17 @@ class Pop3Server(Protocol, ClockedTimeout):
         self._busy = True
         self._set_timeout(None)  # our own long response must not count as client idleness
         consumer = cast(IConsumer, self.transport)
-        self._stream = MessageStream(source, status, consumer, top_lines, self._stream_done)
-        consumer.registerProducer(self._stream, False)
+        stream = self._stream = MessageStream(
+            source, status, consumer, top_lines, self._stream_done
+        )
+        if self._messages[index].size < CHUNK_SIZE:
+            # Fits one read: reply, message and "." in one write, no producer round trip.
+            stream.registered = False
+            stream.resumeProducing()
+            if stream.finished:
+                return
+            stream.registered = True
+        consumer.registerProducer(stream, False)
 
     def _stream_done(self, success: bool) -> None:
         self._stream = None

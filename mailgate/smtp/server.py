@@ -44,7 +44,7 @@ from mailgate.headers import (
 )
 from mailgate.interfaces import IAuthThrottle, IMessageSink, ISubmission
 from mailgate.model import Address, Envelope
-from mailgate.session import ClockedTimeout, set_no_delay
+from mailgate.session import ClockedTimeout, set_no_delay, write_now
 from mailgate.smtp._grammar import (
     MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
@@ -293,7 +293,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         if self.state is not State.CLOSED:
             if not self._settings.profile.enhancedstatuscodes:
                 data = strip_enhanced(data)
-            self._transport.write(data)
+            write_now(self._transport, data)
 
     def _close(self) -> None:
         self._abort_data()
