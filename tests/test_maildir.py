@@ -784,3 +784,101 @@ def test_delivery_order_matches_the_full_key_for_any_mix_of_names() -> None:
                 names.add(rng.choice(["abc", "x.y", "1700000000", "1700000000.", "0001700000.x"]))
         expected = sorted(sorted(names), key=_delivery_rank)
         assert in_delivery_order(names) == expected
+
+
+class HeldRunner:
+    """A thread runner whose jobs run only when the test says (one hop at a time)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((d, f, args))
+        return d
+
+    def run_one(self) -> None:
+        d, f, args = self.jobs.pop(0)
+        try:
+            result = f(*args)
+        except Exception as e:
+            d.errback(e)
+        else:
+            d.callback(result)
+
+
+class GroupCommitTests(MaildirTestCase):
+    def make_store(self) -> MaildirStore:
+        self.runner = HeldRunner()
+        return MaildirStore(str(self.root), self.runner, hostname="test.host", fsync=self.fsync)
+
+    def start(self, data: bytes, *rcpts: Address) -> Deferred[str]:
+        sink = self.store.open_delivery(Envelope(None, rcpts or (ALICE,)))
+        sink.write(data)
+        return sink.finish()
+
+    def test_messages_arriving_during_a_commit_share_the_next_one(self) -> None:
+        self.store.ensure_maildir(str(self.maildir(BOB)))  # its creation fsyncs are not counted
+        first = self.start(b"one\n")
+        assert len(self.runner.jobs) == 1  # a lone message is committed at once
+        later = [self.start(b"two\n"), self.start(b"three\n", ALICE, BOB)]
+        assert len(self.runner.jobs) == 1  # ... the others wait for it to finish
+        self.runner.run_one()
+        assert self.successResultOf(first)
+        assert len(self.runner.jobs) == 1  # one hop for both waiting messages
+        fsyncs = self.fsync.calls
+        assert not any(d.called for d in later)
+        self.runner.run_one()
+        ids = [self.successResultOf(d) for d in later]
+        assert len(set(ids)) == 2
+        # one fsync per written file (the copy for bob is a hard link) and one per new/
+        assert self.fsync.calls - fsyncs == 2 + 2
+        contents = sorted(p.read_bytes() for p in (self.maildir() / "new").iterdir())
+        assert contents == [b"one\n", b"three\n", b"two\n"]
+        assert [p.read_bytes() for p in (self.maildir(BOB) / "new").iterdir()] == [b"three\n"]
+
+    def test_one_failing_message_does_not_fail_the_rest_of_its_group(self) -> None:
+        self.start(b"warm up\n", ALICE, BOB)
+        self.runner.run_one()
+        real_ensure = self.store.ensure_maildir
+
+        def ensure(maildir: str) -> None:
+            if "/bob/" in maildir:
+                raise OSError(28, "No space left on device")
+            real_ensure(maildir)
+
+        blocker = self.start(b"first\n")
+        doomed = self.start(b"to both\n", ALICE, BOB)
+        fine = self.start(b"to alice\n")
+        self.runner.run_one()
+        self.successResultOf(blocker)
+        patch(self, self.store, "ensure_maildir", ensure)
+        self.runner.run_one()
+        failure_of(doomed, DeliveryError)
+        self.flushLoggedErrors(OSError)  # type: ignore[no-untyped-call]
+        self.successResultOf(fine)
+        alice = sorted(p.read_bytes() for p in (self.maildir() / "new").iterdir())
+        assert alice == [b"first\n", b"to alice\n", b"warm up\n"]  # no half of "to both"
+        assert os.listdir(self.maildir() / "tmp") == []
+
+    def test_a_failed_directory_fsync_fails_every_message_in_it(self) -> None:
+        self.start(b"warm up\n", BOB)
+        self.runner.run_one()
+        self.start(b"blocker\n", BOB)
+        to_alice = [self.start(b"a1\n"), self.start(b"a2\n")]
+        to_bob = self.start(b"b1\n", BOB)
+        self.runner.run_one()
+        real_fsync_dir = self.store.fsync_dir
+
+        def fsync_dir(path: str) -> None:
+            if "/alice/" in path and path.endswith("/new"):
+                raise OSError(5, "Input/output error")
+            real_fsync_dir(path)
+
+        patch(self, self.store, "fsync_dir", fsync_dir)
+        self.runner.run_one()
+        for d in to_alice:
+            failure_of(d, DeliveryError)
+        self.flushLoggedErrors(OSError)  # type: ignore[no-untyped-call]
+        self.successResultOf(to_bob)
+        assert list((self.maildir() / "new").iterdir()) == []  # rolled back

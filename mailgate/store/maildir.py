@@ -185,6 +185,9 @@ class MaildirStore:
         self._states: OrderedDict[str, _MaildirState] = OrderedDict()
         self._states_lock = threading.Lock()
         self.cache_messages = cache_messages
+        #: Small deliveries waiting for the next group commit, and whether one is running.
+        self._pending: list[tuple[MaildirDelivery, bytes, int, Deferred[str]]] = []
+        self._committing = False
         #: Maildirs this process has seen complete (new, cur, tmp); a failed delivery or
         #: scan forgets them all, so a directory removed meanwhile is made again.
         self._complete: set[str] = set()
@@ -251,6 +254,42 @@ class MaildirStore:
     def forget_maildirs(self) -> None:
         """After an I/O failure: check every Maildir's directories again on next use."""
         self._complete.clear()
+
+    # -- group commit of small deliveries (reactor thread) ----------------------------------
+
+    def commit_small(self, delivery: MaildirDelivery, data: bytes, wire: int) -> Deferred[str]:
+        """Deliver a buffered message together with whatever else is waiting.
+
+        One thread hop writes every waiting message, fsyncs each, renames them all into
+        new/ and fsyncs each new/ directory once: with many concurrent submissions that is
+        one directory fsync (and one journal commit) for a group, not one per message.
+        Only one group is in flight; messages arriving meanwhile form the next one, so the
+        group grows with the load and a lone message waits for nothing.
+        """
+        d: Deferred[str] = Deferred()
+        self._pending.append((delivery, data, wire, d))
+        if not self._committing:
+            self._commit_next()
+        return d
+
+    def _commit_next(self) -> None:
+        group, self._pending = self._pending[:GROUP_MAX], self._pending[GROUP_MAX:]
+        self._committing = True
+        jobs = [(delivery, data, wire) for delivery, data, wire, _ in group]
+        running: Deferred[list[str | Exception]] = self._run(_commit_group, self, jobs)
+
+        def settle(results: list[str | Exception] | Failure) -> None:
+            self._committing = False
+            for i, (_, _, _, d) in enumerate(group):
+                outcome = results if isinstance(results, Failure) else results[i]
+                if isinstance(outcome, str):
+                    d.callback(outcome)
+                else:
+                    d.errback(outcome)
+            if self._pending and not self._committing:
+                self._commit_next()
+
+        running.addBoth(settle)
 
     def unique_name(self, file_size: int, wire_size: int) -> str:
         now = time.time_ns()
@@ -872,20 +911,102 @@ def _roll_back(staged: list[tuple[str, str]], delivered: list[str], store: Maild
             store.fsync_dir(directory)
 
 
-def _write_new_file(path: str, data: bytes, fsync: Callable[[int], None]) -> None:
-    """Create ``path`` (never overwriting), write ``data`` and fsync it."""
+#: Messages committed in one group at most (bounds the latency of the last one in it).
+GROUP_MAX = 64
+
+
+class _Staged:
+    """One message of a group: its copies in tmp/ and the file whose fsync covers them."""
+
+    __slots__ = ("delivered", "delivery", "fds", "staged")
+
+    def __init__(self, delivery: MaildirDelivery) -> None:
+        self.delivery = delivery
+        self.staged: list[tuple[str, str]] = []
+        self.delivered: list[str] = []
+        self.fds: list[int] = []
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _commit_group(
+    store: MaildirStore, jobs: list[tuple[MaildirDelivery, bytes, int]]
+) -> list[str | Exception]:
+    """Thread pool: deliver every job all-or-nothing; each gets its queue id or its error.
+
+    Same order of events as a single delivery, done for the whole group at each step:
+    every copy written, every file fsynced, every copy renamed into new/, each new/
+    fsynced once. Nothing is acknowledged (the results only reach the sessions after
+    this returns) before its new/ directories are durable.
+    """
+    results: list[str | Exception] = [""] * len(jobs)
+    live: list[tuple[int, _Staged]] = []
+
+    def fail(i: int, item: _Staged, e: Exception) -> None:
+        item.close()
+        _roll_back(item.staged, item.delivered, store)
+        store.forget_maildirs()
+        results[i] = e
+
+    for i, (delivery, data, wire) in enumerate(jobs):
+        item = _Staged(delivery)
+        try:
+            delivery._stage_small(item, data, wire)
+        except Exception as e:
+            fail(i, item, e)
+            continue
+        live.append((i, item))
+    for step in ("fsync", "rename"):
+        still: list[tuple[int, _Staged]] = []
+        for i, item in live:
+            try:
+                if step == "fsync":
+                    for fd in item.fds:
+                        store._fsync(fd)
+                    item.close()
+                else:
+                    for tmp_target, final in item.staged:
+                        os.rename(tmp_target, final)
+                        item.delivered.append(final)
+            except Exception as e:
+                fail(i, item, e)
+                continue
+            still.append((i, item))
+        live = still
+    broken: dict[str, OSError] = {}
+    for directory in dict.fromkeys(
+        os.path.dirname(final) for _, item in live for final in item.delivered
+    ):
+        try:
+            store.fsync_dir(directory)
+        except OSError as e:
+            broken[directory] = e
+    for i, item in live:
+        errors = [broken[d] for d in map(os.path.dirname, item.delivered) if d in broken]
+        if errors:
+            fail(i, item, errors[0])
+        else:
+            results[i] = item.delivery.queue_id
+    return results
+
+
+def _create_file(path: str, data: bytes) -> int:
+    """Create ``path`` (never overwriting) holding ``data``; the open fd, not yet fsynced."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
-    os.close(fd)
+    return fd
 
 
 @implementer(IMessageSink)
@@ -984,7 +1105,7 @@ class MaildirDelivery:
         d: Deferred[str]
         if self._buffer is not None:
             data, self._buffer = b"".join(self._buffer), None
-            d = self._run(self._finish_small_blocking, data, self._wire_size())
+            d = self._store.commit_small(self, data, self._wire_size())
         elif self._file is not None and self._path is not None:
             f, path = self._file, self._path
             self._file = self._path = None
@@ -1037,38 +1158,29 @@ class MaildirDelivery:
                 os.unlink(path)
         return self.queue_id
 
-    def _finish_small_blocking(self, data: bytes, wire: int) -> str:
-        """A buffered message: written straight into the first recipient's tmp/, fsynced,
-        hard-linked (from the first copy) into the others' tmp/, renamed into each new/ and
-        new/ fsynced, all in this one thread hop. Nothing is acknowledged before every new/
-        is durable."""
+    def _stage_small(self, item: _Staged, data: bytes, wire: int) -> None:
+        """A buffered message, for :func:`_commit_group`: written straight into the first
+        recipient's tmp/ (left open for the group's fsync) and hard-linked from there into
+        the others' tmp/; ``item`` records each copy, so a failure can be rolled back."""
         store = self._store
         if self._saw_cr:  # not LF-only text after all: measure exactly as RETR will send
             wire = wire_size_of_file(io.BytesIO(data))
         first: str | None = None
-        staged: list[tuple[str, str]] = []
-        delivered: list[str] = []
-        try:
-            for maildir in self._targets:
-                store.ensure_maildir(maildir)
-                name = store.unique_name(len(data), wire)
-                tmp_target = os.path.join(maildir, "tmp", name)
-                if first is None:
-                    _write_new_file(tmp_target, data, store._fsync)
-                    first = tmp_target
-                else:
-                    try:
-                        os.link(first, tmp_target)
-                    except OSError:
-                        _write_new_file(tmp_target, data, store._fsync)
-                staged.append((tmp_target, os.path.join(maildir, "new", name)))
-            _publish(staged, delivered, store)
-        except BaseException:
-            # All or nothing: the client will retry, so do not leave partial deliveries.
-            _roll_back(staged, delivered, store)
-            store.forget_maildirs()
-            raise
-        return self.queue_id
+        for maildir in self._targets:
+            store.ensure_maildir(maildir)
+            name = store.unique_name(len(data), wire)
+            tmp_target = os.path.join(maildir, "tmp", name)
+            final = os.path.join(maildir, "new", name)
+            if first is not None:
+                try:
+                    os.link(first, tmp_target)
+                    item.staged.append((tmp_target, final))
+                    continue
+                except OSError:
+                    pass
+            item.fds.append(_create_file(tmp_target, data))
+            item.staged.append((tmp_target, final))
+            first = first or tmp_target
 
     def abort(self) -> None:
         self._finished = True
