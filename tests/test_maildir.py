@@ -882,3 +882,53 @@ class GroupCommitTests(MaildirTestCase):
         self.flushLoggedErrors(OSError)  # type: ignore[no-untyped-call]
         self.successResultOf(to_bob)
         assert list((self.maildir() / "new").iterdir()) == []  # rolled back
+
+
+class QuickOpenTests(MaildirTestCase):
+    """An unchanged, quiet maildrop opens on the calling thread; anything else goes to
+    the thread pool as before."""
+
+    def make_store(self) -> MaildirStore:
+        self.runner = HeldRunner()
+        return MaildirStore(str(self.root), self.runner, hostname="test.host", fsync=self.fsync)
+
+    def open_via_thread(self) -> IMaildrop:
+        d = self.store.open_maildrop(ALICE)
+        assert len(self.runner.jobs) == 1
+        self.runner.run_one()
+        drop: IMaildrop = self.successResultOf(d)
+        return drop
+
+    def setUp(self) -> None:
+        super().setUp()
+        for i in range(2):
+            d = self.start(b"m%d\n" % i)
+            self.runner.run_one()
+            self.successResultOf(d)
+        past = time.time() - 60
+        for sub in ("new", "cur"):
+            os.utime(self.maildir() / sub, (past, past))
+        drop = self.open_via_thread()
+        self.first = [m.uid for m in drop.messages]
+        drop.release()
+
+    def start(self, data: bytes) -> Deferred[str]:
+        sink = self.store.open_delivery(Envelope(None, (ALICE,)))
+        sink.write(data)
+        return sink.finish()
+
+    def test_unchanged_maildrop_opens_without_a_thread_hop(self) -> None:
+        drop = self.successResultOf(self.store.open_maildrop(ALICE))
+        assert self.runner.jobs == []
+        assert [m.uid for m in drop.messages] == self.first
+        # and it holds the lock like any other open
+        failure_of(self.store.open_maildrop(ALICE), MaildropInUse)
+        drop.release()
+
+    def test_a_changed_maildrop_is_scanned_in_the_thread_pool(self) -> None:
+        d = self.start(b"m2\n")
+        self.runner.run_one()
+        self.successResultOf(d)
+        drop = self.open_via_thread()
+        assert len(drop.messages) == 3
+        drop.release()

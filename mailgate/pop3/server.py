@@ -411,7 +411,6 @@ class Pop3Server(Protocol, ClockedTimeout):
         self._host = str(host)
         self._plaintext_here = bool(self.settings.allow_plaintext(str(host)))
         self._set_timeout(self.settings.timeout)
-        log.debug("POP3 connection from {peer}", peer=self._peer)
         s = self.settings
         greeting = f"{s.hostname} POP3 server ready"
         try:

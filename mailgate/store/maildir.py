@@ -184,6 +184,7 @@ class MaildirStore:
         # Maildir -> its last scan (see _MaildirState), least recently used first.
         self._states: OrderedDict[str, _MaildirState] = OrderedDict()
         self._states_lock = threading.Lock()
+        self._cached_messages = 0  # messages in all of _states
         self.cache_messages = cache_messages
         #: Small deliveries waiting for the next group commit, and whether one is running.
         self._pending: list[tuple[MaildirDelivery, bytes, int, Deferred[str]]] = []
@@ -311,14 +312,16 @@ class MaildirStore:
     def _remember(self, maildir: str, state: _MaildirState) -> None:
         """Keep the scan for the next login, within ``cache_messages`` messages in all."""
         with self._states_lock:
-            self._states.pop(maildir, None)
+            old = self._states.pop(maildir, None)
+            if old is not None:
+                self._cached_messages -= len(old.messages)
             if len(state.messages) > self.cache_messages:
                 return
             self._states[maildir] = state
-            total = sum(len(s.messages) for s in self._states.values())
-            while total > self.cache_messages:
+            self._cached_messages += len(state.messages)
+            while self._cached_messages > self.cache_messages:
                 _, dropped = self._states.popitem(last=False)
-                total -= len(dropped.messages)
+                self._cached_messages -= len(dropped.messages)
 
     # -- IMailStore ----------------------------------------------------------------------
 
@@ -331,8 +334,52 @@ class MaildirStore:
         except AddressError:
             _log.warn("refusing unsafe mailbox name {address!r}", address=str(address))
             return fail(MaildropUnavailable("unsafe mailbox name"))
+        try:
+            quick = self._open_unchanged(maildir, address)
+        except MaildropInUse as e:
+            return fail(e)
+        if quick is not None:
+            return succeed(quick)
         d: Deferred[IMaildrop] = self._run(self._open_maildrop_blocking, maildir, address)
         return d
+
+    def _open_unchanged(self, maildir: str, address: Address) -> IMaildrop | None:
+        """Reactor thread: open a maildrop that provably did not change since its last scan.
+
+        That proof is three stats (new/, cur/ quiet and unchanged; the uidlist unchanged)
+        plus the non-blocking lock: less work than the thread hop it replaces (which was
+        ~15% of a short POP3 session's CPU). Anything else, including any error, returns
+        None and the full open runs in the thread pool as before.
+        """
+        cached = self._state_of(maildir)
+        if cached is None or cached.dirs is None or maildir not in self._complete:
+            return None
+        try:
+            fd = os.open(os.path.join(maildir, LOCK_NAME), os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise MaildropInUse("maildrop locked by another session") from None
+                raise
+            new, cur = os.path.join(maildir, "new"), os.path.join(maildir, "cur")
+            if _quiet_stamps(new, cur, time.time()) != cached.dirs or cached.stamp != _stamp(
+                os.path.join(maildir, UIDLIST_NAME)
+            ):
+                os.close(fd)
+                return None
+            _name_holder(fd)
+        except OSError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._remember(maildir, cached)
+        return MaildirMaildrop(self, maildir, fd, cached.messages, address)
 
     def _open_maildrop_blocking(self, maildir: str, address: Address) -> IMaildrop:
         try:
