@@ -6,6 +6,7 @@ line handling can be tested (and fuzzed) on its own.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -78,7 +79,7 @@ def parse_command(line: bytes, parsing: Parsing = Parsing.NORMAL) -> Command:
     if b"\r" in line or b"\n" in line or b"\0" in line:
         raise Pop3SyntaxError("Invalid character in command line")
     verb, sep, rest = line.partition(b" ")
-    if not verb or len(verb) > 16 or any(c < 0x21 or c > 0x7E for c in verb):
+    if not verb or len(verb) > 16 or not _VERB.match(verb):
         raise Pop3SyntaxError("Unknown command")
     upper = verb.decode("ascii").upper()
     if parsing is Parsing.STRICT and sep:
@@ -112,7 +113,15 @@ def parse_line_count(arg: bytes) -> int:
     return int(stripped or b"0")
 
 
+#: A verb: visible ASCII only (the length is checked apart).
+_VERB = re.compile(rb"[\x21-\x7e]+\Z")
+
+
 def _printable(text: str) -> str:
+    """``text`` with anything but printable ASCII replaced by "?" (one C-level check for
+    the usual all-printable reply text; this runs for every status line)."""
+    if text.isascii() and text.isprintable():
+        return text
     return "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text)
 
 

@@ -378,6 +378,7 @@ class Pop3Server(Protocol, ClockedTimeout):
         self._logout: Callable[[], None] | None = None
         self._login_name = ""
         self._messages: Sequence[MessageInfo] = ()
+        self._timer_suspended = False  # the idle timer, while a long RETR/TOP streams
         self._deleted: set[int] = set()
         self._stream: MessageStream | None = None
         self._xmit: XmitReceiver | None = None
@@ -945,18 +946,20 @@ class Pop3Server(Protocol, ClockedTimeout):
             self._send(self._err("Message temporarily unavailable", ResponseCode.SYS_TEMP))
             return
         self._busy = True
-        self._set_timeout(None)  # our own long response must not count as client idleness
         consumer = cast(IConsumer, self.transport)
         stream = self._stream = MessageStream(
             source, status, consumer, top_lines, self._stream_done
         )
         if self._messages[index].size < CHUNK_SIZE:
-            # Fits one read: reply, message and "." in one write, no producer round trip.
+            # Fits one read: reply, message and "." in one write, no producer round trip
+            # (and no idle timer to suspend: the reply is complete before we return).
             stream.registered = False
             stream.resumeProducing()
             if stream.finished:
                 return
             stream.registered = True
+        self._timer_suspended = True
+        self._set_timeout(None)  # our own long response must not count as client idleness
         consumer.registerProducer(stream, False)
 
     def _stream_done(self, success: bool) -> None:
@@ -969,7 +972,9 @@ class Pop3Server(Protocol, ClockedTimeout):
             self._close()
             return
         self._busy = False
-        self._set_timeout(self.settings.timeout)
+        if self._timer_suspended:
+            self._timer_suspended = False
+            self._set_timeout(self.settings.timeout)
         self._process()
 
     def _do_dele(self, command: Command) -> None:

@@ -839,7 +839,7 @@ class MaildirMaildrop:
         key = message.key
         # Unbuffered: the stream reads whole chunks; a BufferedReader would only copy them.
         try:
-            f = _open_unbuffered(os.path.join(self._maildir, key))
+            f = _open_unbuffered(f"{self._maildir}/{key}")
         except FileNotFoundError:
             path = self._find(key)
             try:
