@@ -7,6 +7,7 @@ format without importing the auth layer.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import TypeVar
 
@@ -23,8 +24,10 @@ FAILURE_FORMAT = (
 MAX_LOGGED_LOGIN = 128
 
 
+@functools.lru_cache(maxsize=4096)
 def peer_key(host: str) -> str:
-    """One key per client address: IPv4-mapped IPv6 and scoped addresses normalised."""
+    """One key per client address: IPv4-mapped IPv6 and scoped addresses normalised
+    (memoized: the same few peers come back for every connection and message)."""
     text = host.strip("[]").split("%", 1)[0]
     try:
         ip = ipaddress.ip_address(text)
