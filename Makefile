@@ -24,11 +24,14 @@ test: install lint
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache _trial_temp
 
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-install
 
 # Benchmarks: mailgate side by side with Dovecot/Postfix when installed (see benchmarks/README.md).
-bench: install
+bench-install: $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
+
+bench: bench-install
 	$(BIN)/python -m benchmarks.run
 
-bench-quick: install
+bench-quick: bench-install
 	$(BIN)/python -m benchmarks.run --quick

@@ -120,7 +120,8 @@ def markdown(result: Result, prev: dict[str, Any] | None) -> str:
     lines = [
         f"# mailgate benchmark ({result.mode}, {result.started})",
         "",
-        f"Machine: {result.machine['cpus']} CPUs, Python {result.machine['python']}. "
+        f"Machine: {result.machine['cpus']} CPUs, Python {result.machine['python']}, "
+        f"load generator on {result.machine.get('loop', 'asyncio')}. "
         f"Peers: POP3 {result.peers['pop3']}, submission {result.peers['submission']} "
         "(Postfix CPU and memory include Dovecot's auth service). Medians of "
         f"{result.sizes['rounds']} round(s); {result.sizes['duration']:.0f} s per load run.",

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import report, scenarios, seed, servers
+from benchmarks import loadgen, report, scenarios, seed, servers
 from benchmarks.scenarios import Figures, Sizes
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -226,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         duration_s=time.time() - started,
         sizes=sizes.__dict__,
-        machine={"cpus": os.cpu_count() or 0, "python": sys.version.split()[0]},
+        machine={
+            "cpus": os.cpu_count() or 0,
+            "python": sys.version.split()[0],
+            "loop": loadgen.loop_name(),
+        },
         peers={
             "pop3": "dovecot" if stack.dovecot else "n/a",
             "submission": "postfix" if stack.postfix else "n/a",

@@ -154,7 +154,7 @@ def retr_big(server: Server) -> Figures:
         await clients.pop3_quit(c)
         return elapsed, octets
 
-    elapsed, octets = asyncio.run(run())
+    elapsed, octets = loadgen.run_loop(run())
     return {
         "retr_mb_per_s": octets / elapsed / 2**20,
         "retr_s": elapsed,
@@ -191,11 +191,11 @@ def huge_maildrop(server: Server, logins: int) -> list[Figures]:
             await clients.pop3_multi(c, b"CAPA")
             await clients.pop3_quit(c)
 
-    asyncio.run(warm_up())
+    loadgen.run_loop(warm_up())
     out = []
     for _ in range(logins):
         cpu0 = tree_cpu(server.roots)
-        figures = asyncio.run(asyncio.wait_for(once(), 600))
+        figures = loadgen.run_loop(asyncio.wait_for(once(), 600))
         figures["server_cpu_s"] = tree_cpu(server.roots) - cpu0
         out.append(figures)
     return out
@@ -234,7 +234,7 @@ def idle_connections(server: Server, count: int, first_user: int = 0) -> Figures
         await asyncio.sleep(0.5)
 
     held: dict[str, float] = {}
-    asyncio.run(run())
+    loadgen.run_loop(run())
     n = max(len(conns), 1)
     return {
         "held": float(len(conns)),
