@@ -299,6 +299,9 @@ smtpd_client_connection_count_limit = 0
 smtpd_client_connection_rate_limit = 0
 smtpd_client_message_rate_limit = 0
 anvil_rate_time_unit = 60s
+# No pause per message when delivery lags behind acceptance (Postfix's default is up to
+# 1 s): with it, 16 clients flooding made some runs measure 15 msgs/s instead of ~1,000.
+in_flow_delay = 0
 """
     (conf / "main.cf").write_text(main)
     lines = []

@@ -8,6 +8,7 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin
 
 
@@ -69,3 +70,10 @@ def write_now(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def log_line(logger: Logger, text: str, level: LogLevel = LogLevel.info, **fields: object) -> None:
+    """Emit a line already formatted by the caller; ``fields`` stay for structured
+    observers. Twisted's per-field formatting was half the cost of a log line (~50 us of
+    ~100), and the busiest lines come once per message or session."""
+    logger.emit(level, text.replace("{", "{{").replace("}", "}}"), **fields)

@@ -57,7 +57,7 @@ from mailgate.pop3._grammar import (
     parse_xtnd,
 )
 from mailgate.pop3.xtnd import XmitPolicy, XmitReceiver, first_header_lines
-from mailgate.session import ClockedTimeout, set_no_delay, write_now
+from mailgate.session import ClockedTimeout, log_line, set_no_delay, write_now
 from mailgate.wire import WireEncoder
 
 log = Logger()
@@ -453,10 +453,12 @@ class Pop3Server(Protocol, ClockedTimeout):
             self._logout()
         self._logout = None
         self._maildrop = None
-        log.info(
-            "POP3 session from {peer} ended by {how} (user {login!r})",
+        login = self._login_name or None
+        log_line(
+            log,
+            f"POP3 session from {self._peer} ended by {self._ended_by} (user {login!r})",
             peer=self._peer,
-            login=self._login_name or None,
+            login=login,
             how=self._ended_by,
         )
 
@@ -819,9 +821,9 @@ class Pop3Server(Protocol, ClockedTimeout):
         self._retrieved = set()
         self.state = State.TRANSACTION
         self._busy = False
-        log.info("POP3 login {login!r} from {peer}", login=name, peer=self._peer)
         count, octets = self._totals()
         self._send(ok(f"maildrop has {count} messages ({octets} octets)"))
+        log_line(log, f"POP3 login {name!r} from {self._peer}", login=name, peer=self._peer)
         self._process()
 
     def _login_failed(self, failure: Failure, name: str, secret: bytes) -> None:

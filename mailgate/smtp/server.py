@@ -44,7 +44,7 @@ from mailgate.headers import (
 )
 from mailgate.interfaces import IAuthThrottle, IMessageSink, ISubmission
 from mailgate.model import Address, Envelope
-from mailgate.session import ClockedTimeout, set_no_delay, write_now
+from mailgate.session import ClockedTimeout, log_line, set_no_delay, write_now
 from mailgate.smtp._grammar import (
     MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
@@ -678,8 +678,13 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         self._logout = logout
         address = getattr(avatar, "address", None)
         self._user = str(address) if address is not None else "?"
-        _log.info("SMTP login user={user} peer={peer}", user=self._user, peer=self._peer_ip)
         self._send(reply(235, "2.7.0", "Authentication successful"))
+        log_line(
+            _log,
+            f"SMTP login user={self._user} peer={self._peer_ip}",
+            user=self._user,
+            peer=self._peer_ip,
+        )
 
     def _login_failed(self, failure: Failure, login: str, secret: bytes) -> None:
         if isinstance(failure.value, (UnauthorizedLogin, LoginFailed)):
@@ -908,17 +913,20 @@ class SmtpServer(LineReceiver, ClockedTimeout):
 
         def queued(queue_id: str) -> None:
             self._sink = None
-            _log.info(
-                "SMTP queued id={qid} from=<{sender}> to={rcpts} size={size} user={user} "
-                "peer={peer}",
+            self._send(reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
+            mail_from = "" if sender is None else str(sender)
+            rcpts = ",".join(str(r) for r in recipients)
+            log_line(
+                _log,
+                f"SMTP queued id={queue_id} from=<{mail_from}> to={rcpts} size={size} "
+                f"user={user or '-'} peer={self._peer_ip}",
                 qid=queue_id,
-                sender="" if sender is None else str(sender),
-                rcpts=",".join(str(r) for r in recipients),
+                sender=mail_from,
+                rcpts=rcpts,
                 size=size,
                 user=user or "-",
                 peer=self._peer_ip,
             )
-            self._send(reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
 
         def failed(f: Failure) -> None:
             self._sink = None
