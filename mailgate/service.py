@@ -483,6 +483,7 @@ class _Wiring:
             xtnd_xmit_require_tls=config.pop3.xtnd_xmit_require_tls,
             xtnd_advertise=config.pop3.xtnd_advertise,
             xtnd_xlst=config.pop3.xtnd_xlst,
+            run_in_thread=self._run_in_thread,
             # XTND XMIT follows exactly the submission rules.
             default_domain=config.default_domain,
             max_size=config.smtp.max_size,

@@ -761,6 +761,22 @@ class ReviewFindingsTests(MaildirTestCase):
         assert self.store.sweep_stale(now=1_000_000 + 37 * 3600) == 1
         assert not old.exists() and fresh.exists()
 
+    def test_crash_leftovers_in_a_maildir_tmp_are_swept_once_per_process(self) -> None:
+        self.deliver(b"hello\n")
+        tmp = self.maildir() / "tmp"
+        old, fresh = tmp / "123.crashed", tmp / "456.writing"
+        old.write_bytes(b"half a message")
+        fresh.write_bytes(b"being written right now")
+        past = time.time() - 37 * 3600
+        os.utime(old, (past, past))
+        self.deliver(b"again\n")  # this process already checked the Maildir: no new sweep
+        assert old.exists()
+        other = self.make_store()  # a restarted process: first use of the Maildir
+        drop = self.open(store=other)
+        assert len(drop.messages) == 2
+        drop.release()
+        assert not old.exists() and fresh.exists()
+
 
 def test_delivery_order_matches_the_full_key_for_any_mix_of_names() -> None:
     """The string-sort shortcut of in_delivery_order gives exactly the order of sorting by

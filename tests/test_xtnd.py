@@ -653,6 +653,24 @@ class XlstTests(unittest.TestCase):
         self.assertTrue(reply.endswith(b"\r\n.\r\n"), reply)
         return reply.split(b"\r\n")[1:-2]
 
+    def test_headers_are_read_off_the_reactor_and_later_commands_wait(self) -> None:
+        held: list[tuple[Deferred[Any], Any]] = []
+
+        def runner(f: Any, *args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            held.append((d, lambda: f(*args)))
+            return d
+
+        assert self.s.cmd("QUIT").startswith(b"+OK")  # setUp's session holds the lock
+        s = self.world.session(xtnd_xmit=False, xtnd_xlst=True, run_in_thread=runner)
+        s.login()
+        assert s.send(b"XTND XLST Subject 1\r\nNOOP\r\n") == b""  # reading: NOOP waits
+        d, job = held.pop()
+        d.callback(job())
+        reply = s.take()
+        assert reply.startswith(b"+OK xlst command accepted; headers coming.\r\n")
+        assert reply.endswith(b"1 Subject: first\r\n.\r\n+OK\r\n")
+
     def test_x24_x29_message_id_exact_name(self) -> None:
         reply = self.s.cmd("XTND XLST Message-Id")
         self.assertEqual(

@@ -33,7 +33,7 @@ from mailgate import sasl
 from mailgate.authlog import deferred_failure, failure_line
 from mailgate.errors import MaildropInUse, MaildropUnavailable
 from mailgate.headers import MAX_HEADER_BYTES, MAX_HEADER_LINES
-from mailgate.interfaces import IAuthThrottle, IMaildrop, ISubmission
+from mailgate.interfaces import IAuthThrottle, IMaildrop, ISubmission, ThreadRunner
 from mailgate.model import Address, MessageInfo
 from mailgate.pop3._grammar import (
     MAX_AUTH_LINE,
@@ -71,6 +71,14 @@ PLAINTEXT_DISALLOWED = "Plaintext authentication disallowed on non-secure connec
 CHUNK_SIZE = 96 * 1024
 #: Unprocessed input we buffer while busy before we stop reading from the socket.
 MAX_BACKLOG = 65536
+
+
+class _XlstReadError(Exception):
+    """XTND XLST could not read message ``index`` (0-based)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
 
 
 def _never(host: str) -> bool:
@@ -193,6 +201,9 @@ class Pop3Settings:
     cram_md5_available: Callable[[], bool] = _nobody
     #: (hostname, now) -> a fresh ``<random.time@host>`` APOP timestamp / CRAM-MD5 challenge.
     challenge: Callable[[str, float], bytes] = sasl.make_challenge
+    #: Where XTND XLST reads its headers (one file per message): the thread pool in the
+    #: service; inline by default, which is what the in-memory tests want.
+    run_in_thread: ThreadRunner = maybeDeferred
     #: RFC 2449 LOGIN-DELAY in seconds: advertised and enforced; None = neither.
     login_delay: int | None = None
     #: RFC 2449 EXPIRE: days after which messages are deleted at QUIT (0: retrieved ones),
@@ -1188,19 +1199,38 @@ class Pop3Server(Protocol, ClockedTimeout):
             indices = [index]
         else:
             indices = [i for i in range(len(self._messages)) if i not in self._deleted]
-        lines: list[bytes] = []
-        try:
+
+        def read_headers() -> list[bytes]:
+            """Thread pool: one open and read per message, too slow for the reactor on a
+            big maildrop."""
+            lines: list[bytes] = []
             for index in indices:
-                with maildrop.open_message(index) as source:
-                    found = first_header_lines(source, name)
+                try:
+                    with maildrop.open_message(index) as source:
+                        found = first_header_lines(source, name)
+                except Exception as e:
+                    raise _XlstReadError(index) from e
                 if found:
                     lines.append(f"{index + 1} ".encode("ascii") + found[0])
                     lines.extend(found[1:])
-        except Exception:
-            log.failure("POP3 XTND XLST could not read message {n}", n=index + 1)
+            return lines
+
+        def send(lines: list[bytes]) -> None:
+            self._send(multiline(ok("xlst command accepted; headers coming."), lines))
+
+        def failed(failure: Failure) -> None:
+            index = failure.value.index if isinstance(failure.value, _XlstReadError) else -1
+            log.failure("POP3 XTND XLST could not read message {n}", failure, n=index + 1)
             self._send(self._err("Message temporarily unavailable", ResponseCode.SYS_TEMP))
-            return
-        self._send(multiline(ok("xlst command accepted; headers coming."), lines))
+
+        def resume(_: object) -> None:
+            self._busy = False
+            if self.state is not State.CLOSED:
+                self._process()
+
+        self._busy = True
+        d: Deferred[list[bytes]] = self.settings.run_in_thread(read_headers)
+        d.addCallbacks(send, failed).addBoth(resume)
 
     def _reply_and_close(self, reply: bytes) -> None:
         self._logout = None  # commit (or the explicit release) has let go of the lock

@@ -239,6 +239,7 @@ class MaildirStore:
         if maildir in self._complete:
             return
         if all(os.path.isdir(os.path.join(maildir, sub)) for sub in ("new", "cur", "tmp")):
+            self._sweep_tmp(maildir)
             self._complete.add(maildir)
             return
         for sub in ("new", "cur", "tmp"):
@@ -251,6 +252,21 @@ class MaildirStore:
                 break
             path = os.path.dirname(path)
         self._complete.add(maildir)
+
+    def _sweep_tmp(self, maildir: str, max_age: float = STALE_AGE) -> int:
+        """Remove what a crash left in ``tmp/`` (files older than 36 h, the Maildir rule),
+        once per process and Maildir: a delivery in progress is never that old."""
+        cutoff = time.time() - max_age
+        removed = 0
+        with contextlib.suppress(OSError), os.scandir(os.path.join(maildir, "tmp")) as it:
+            for entry in it:
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+        if removed:
+            _log.info("removed {n} stale files from {path}/tmp", n=removed, path=maildir)
+        return removed
 
     def forget_maildirs(self) -> None:
         """After an I/O failure: check every Maildir's directories again on next use."""
