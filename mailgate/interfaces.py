@@ -65,6 +65,19 @@ class IMessageSink(Interface):
         """Throw away everything written; nothing is delivered."""
 
 
+class ITwoPhaseSink(IMessageSink):
+    """A sink whose message can be made durable first and visible (acted upon) later, so a
+    message split between two stores is committed in both or in neither as far as a
+    failure of writing can tell."""
+
+    def prepare() -> Deferred[None]:
+        """Make the message durable (fsynced) without anything acting on it yet."""
+
+    def commit() -> Deferred[str]:
+        """Make a prepared message visible; fires with queue_id. abort() still discards a
+        prepared message that was never committed."""
+
+
 class ISubmission(Interface):
     """What a logged-in sender (SMTP AUTH, XTND XMIT, or a trusted network) may do."""
 

@@ -8,7 +8,7 @@ sending paths get the same object, so they follow the same rules.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -22,6 +22,7 @@ from mailgate.interfaces import (
     IMessageSink,
     IOutboundQueue,
     ISubmission,
+    ITwoPhaseSink,
     IUserDatabase,
 )
 from mailgate.model import Address, Envelope
@@ -44,8 +45,10 @@ class SplitSink:
             part.write(data)
 
     def finish(self) -> Deferred[str]:
-        # Local copies first: a failure there must not leave remote copies already queued.
         first, *rest = self._parts
+        if len(rest) == 1 and ITwoPhaseSink.providedBy(rest[0]):
+            return self._finish_two_phase(first, rest[0])
+        # Local copies first: a failure there must not leave remote copies already queued.
         d = first.finish()
 
         def next_parts(_: str) -> Deferred[str]:
@@ -66,6 +69,31 @@ class SplitSink:
             return failure
 
         return d.addCallbacks(next_parts, abort_rest)
+
+    def _finish_two_phase(self, local: IMessageSink, remote: IMessageSink) -> Deferred[str]:
+        """Spool copy durable first (not yet acted upon), then the local copies, then the
+        spool copy made visible. A failure to write either store (a full disk, most
+        likely) leaves nothing delivered, so the client's retry delivers nothing twice;
+        only a failing rename into incoming/ after the local copies are in can still do
+        that."""
+        spool = cast(ITwoPhaseSink, remote)
+
+        def local_part(_: None) -> Deferred[str]:
+            return local.finish().addErrback(drop_spooled)
+
+        def drop_spooled(failure: Failure) -> Failure:
+            spool.abort()
+            return failure
+
+        def drop_local(failure: Failure) -> Failure:
+            local.abort()
+            return failure
+
+        d: Deferred[Any] = spool.prepare()
+        d.addErrback(drop_local)  # the spool could not take it: nothing was delivered
+        d.addCallback(local_part)
+        d.addCallback(lambda _: spool.commit())
+        return d.addCallback(lambda _: self.queue_id)
 
     def abort(self) -> None:
         for part in self._parts:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from mailgate.errors import RelayDenied, SenderNotOwned, UnknownRecipient
 from mailgate.model import Address, Envelope
+from mailgate.queue.spool import Spool
 from mailgate.realm import MailRealm
 from mailgate.testing import MemoryMailStore, MemoryQueue, MemoryUserDatabase
 
@@ -70,3 +74,59 @@ def test_spool_failure_is_reported() -> None:
     failures: list[object] = []
     sink.finish().addErrback(failures.append)
     assert failures
+
+
+def spool_realm(tmp_path: Path) -> tuple[MailRealm, MemoryMailStore, Spool]:
+    from twisted.internet.defer import maybeDeferred
+    from twisted.internet.task import Clock
+
+    store = MemoryMailStore()
+    users = MemoryUserDatabase({"alice@example.com": "a", "bob@example.com": "b"})
+    spool = Spool(tmp_path / "spool", maybeDeferred, Clock())
+    return MailRealm(store, users, ["example.com"], spool), store, spool
+
+
+def leftovers(spool: Spool) -> list[str]:
+    return os.listdir(spool.directory.root / "tmp")
+
+
+def test_split_message_with_a_real_spool_lands_in_both(tmp_path: Path) -> None:
+    r, store, spool = spool_realm(tmp_path)
+    sink = r.submission_for(ALICE).open_message(Envelope(ALICE, (BOB, REMOTE)))
+    sink.write(b"hi\n")
+    results: list[str] = []
+    sink.finish().addCallback(results.append)
+    assert results == [sink.queue_id]
+    assert [m.data for m in store.mailboxes[BOB]] == [b"hi\n"]
+    assert spool.directory.ids("incoming") == [sink.queue_id]
+    assert leftovers(spool) == []
+
+
+def test_spool_write_failure_delivers_no_local_copy(tmp_path: Path) -> None:
+    """A retry after this failure must not give bob a second copy: so bob got none."""
+    r, store, spool = spool_realm(tmp_path)
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    spool.directory._fsync = full_disk
+    sink = r.submission_for(ALICE).open_message(Envelope(ALICE, (BOB, REMOTE)))
+    sink.write(b"hi\n")
+    failures: list[object] = []
+    sink.finish().addErrback(failures.append)
+    assert failures
+    assert store.mailboxes.get(BOB, []) == []
+    assert spool.directory.ids("incoming") == []
+    assert leftovers(spool) == []
+
+
+def test_local_failure_discards_the_prepared_spool_copy(tmp_path: Path) -> None:
+    r, store, spool = spool_realm(tmp_path)
+    store.fail_deliveries = True
+    sink = r.submission_for(ALICE).open_message(Envelope(ALICE, (BOB, REMOTE)))
+    sink.write(b"hi\n")
+    failures: list[object] = []
+    sink.finish().addErrback(failures.append)
+    assert failures
+    assert spool.directory.ids("incoming") == []
+    assert leftovers(spool) == []

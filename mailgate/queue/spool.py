@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgate.errors import MailgateError
-from mailgate.interfaces import IMessageSink, IOutboundQueue, ThreadRunner
+from mailgate.interfaces import IMessageSink, IOutboundQueue, ITwoPhaseSink, ThreadRunner
 from mailgate.model import Address, Envelope
 
 __all__ = [
@@ -319,10 +319,19 @@ class SpoolDirectory:
 
     def commit_new(self, queue_id: str, entry: QueueEntry) -> None:
         """Write the envelope next to the written message, fsync all, rename into incoming/."""
+        self.prepare_new(queue_id, entry)
+        self.publish_new(queue_id)
+
+    def prepare_new(self, queue_id: str, entry: QueueEntry) -> None:
+        """The durable half of :meth:`commit_new`: envelope written, everything fsynced,
+        still in tmp/ (where nothing acts on it and a restart removes it)."""
         directory = self.root / TMP / queue_id
         self.write_envelope(directory, entry)
         self.fsync_dir(self.root / TMP)
-        os.rename(directory, self.entry_dir("incoming", queue_id))
+
+    def publish_new(self, queue_id: str) -> None:
+        """The visible half of :meth:`commit_new`: the prepared entry renamed into incoming/."""
+        os.rename(self.root / TMP / queue_id, self.entry_dir("incoming", queue_id))
         self.fsync_dir(self.root / "incoming")
 
     # -- recovery and administration -------------------------------------------------
@@ -381,9 +390,10 @@ class SpoolDirectory:
         return {state: len(self.ids(state)) for state in QUEUE_STATES}
 
 
-@implementer(IMessageSink)
+@implementer(ITwoPhaseSink)
 class SpoolSink:
-    """Writes one message into ``tmp/<id>/message``; finish() makes it durable in incoming/."""
+    """Writes one message into ``tmp/<id>/message``; finish() makes it durable in incoming/
+    (or prepare() durable in tmp/, then commit() moves it to incoming/)."""
 
     def __init__(self, spool: Spool, envelope: Envelope, queue_id: str) -> None:
         self.queue_id = queue_id
@@ -393,21 +403,27 @@ class SpoolSink:
         self._dir.mkdir()
         self._file: IO[bytes] | None = open(self._dir / MESSAGE_NAME, "wb")  # noqa: SIM115
         self._done = False
+        self._prepared = False
 
     def write(self, data: bytes) -> None:
         if self._file is None:
             raise ValueError("sink already finished")
         self._file.write(data)
 
-    def _finish_blocking(self, file: IO[bytes], entry: QueueEntry) -> None:
+    def _prepare_blocking(self, file: IO[bytes], entry: QueueEntry) -> None:
         try:
             file.flush()
             self._spool.directory._fsync(file.fileno())
         finally:
             file.close()
-        self._spool.directory.commit_new(self.queue_id, entry)
+        self._spool.directory.prepare_new(self.queue_id, entry)
 
-    def finish(self) -> Deferred[str]:
+    def _failed(self, f: Failure) -> Failure:
+        _log.failure("queue {queue_id}: could not spool message", f, queue_id=self.queue_id)
+        shutil.rmtree(self._dir, ignore_errors=True)
+        return f
+
+    def _take(self) -> tuple[IO[bytes], QueueEntry]:
         file, self._file = self._file, None
         if file is None or self._done:
             raise ValueError("sink already finished")
@@ -420,20 +436,38 @@ class SpoolSink:
             created=now,
             next_attempt=now,
         )
-        d = self._spool.run_in_thread(self._finish_blocking, file, entry)
+        return file, entry
 
-        def done(_: None) -> str:
-            self._spool.notify(self.queue_id)
-            return self.queue_id
+    def _notify(self, _: None) -> str:
+        self._spool.notify(self.queue_id)
+        return self.queue_id
 
-        def failed(f: Failure) -> Failure:
-            _log.failure("queue {queue_id}: could not spool message", f, queue_id=self.queue_id)
-            shutil.rmtree(self._dir, ignore_errors=True)
-            return f
+    def prepare(self) -> Deferred[None]:
+        d: Deferred[None] = self._spool.run_in_thread(self._prepare_blocking, *self._take())
+        d.addCallback(lambda _: setattr(self, "_prepared", True))
+        return d.addErrback(self._failed)
 
-        return d.addCallbacks(done, failed)
+    def commit(self) -> Deferred[str]:
+        if not self._prepared:
+            raise ValueError("sink not prepared")
+        self._prepared = False
+        d = self._spool.run_in_thread(self._spool.directory.publish_new, self.queue_id)
+        return d.addCallbacks(self._notify, self._failed)
+
+    def _finish_blocking(self, file: IO[bytes], entry: QueueEntry) -> None:
+        self._prepare_blocking(file, entry)
+        self._spool.directory.publish_new(self.queue_id)
+
+    def finish(self) -> Deferred[str]:
+        """Both halves in one thread hop, when nothing else has to happen in between."""
+        d = self._spool.run_in_thread(self._finish_blocking, *self._take())
+        return d.addCallbacks(self._notify, self._failed)
 
     def abort(self) -> None:
+        if self._prepared:  # durable in tmp/ but never committed: discard it
+            self._prepared = False
+            shutil.rmtree(self._dir, ignore_errors=True)
+            return
         if self._done:
             return
         self._done = True
