@@ -35,6 +35,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailgate.session import log_line
+
 log = Logger()
 
 #: First file descriptor number the listening sockets get in a child.
@@ -127,9 +129,10 @@ class _ChildProtocol(ProcessProtocol):
         *lines, self._err = self._err.split(b"\n")
         for line in lines:
             if line:
-                log.info(
-                    "[worker {pid}] {line}", pid=self.pid, line=line.decode("utf-8", "replace")
-                )
+                text = line.decode("utf-8", "replace")
+                # Formatted here: a worker's busiest lines (one per session or message)
+                # would otherwise pay Twisted's field formatting a second time.
+                log_line(log, f"[worker {self.pid}] {text}", pid=self.pid, line=text)
 
     def processEnded(self, reason: Failure) -> None:
         log.info(
