@@ -408,7 +408,11 @@ class Pop3Server(Protocol, ClockedTimeout):
     def _send(self, data: bytes) -> None:
         """Every reply leaves in exactly one write."""
         if self.state is not State.CLOSED:
-            write_now(self._transport, data)
+            if self._framer.buffered:
+                # More pipelined input to answer: queue, so the replies leave together.
+                self._transport.write(data)
+            else:
+                write_now(self._transport, data)
 
     def _close(self) -> None:
         self.state = State.CLOSED

@@ -293,7 +293,12 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         if self.state is not State.CLOSED:
             if not self._settings.profile.enhancedstatuscodes:
                 data = strip_enhanced(data)
-            write_now(self._transport, data)
+            if self._buffer:
+                # More pipelined input to answer: queue, so the replies to a PIPELINING
+                # group leave in one send rather than one each.
+                self._transport.write(data)
+            else:
+                write_now(self._transport, data)
 
     def _close(self) -> None:
         self._abort_data()

@@ -1,0 +1,101 @@
+"""Replies leave in the reactor turn that made them, on a real TCP socket pair.
+
+The shortcut of :func:`mailgate.session.write_now` matters only on a real
+``tcp.Server`` (every fake transport takes the ordinary path), so these tests build one
+over a loopback connection with a memory reactor and read what reached the peer.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
+
+from mailgate.pop3 import Pop3Factory, Pop3Settings
+from tests.test_pop3_server import make_portal, with_messages
+
+MSG = b"Subject: one\n\nHello\n"
+
+
+class Reactor(MemoryReactor, Clock):
+    def __init__(self) -> None:
+        MemoryReactor.__init__(self)  # type: ignore[no-untyped-call]
+        Clock.__init__(self)
+
+
+def connect() -> tuple[tcp.Server, Any, socket.socket, Reactor]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        peer = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    ours.setblocking(False)
+    peer.settimeout(5)
+    reactor = Reactor()
+    settings = Pop3Settings(hostname="mail.example.com", allow_plaintext=lambda host: True)
+    factory = Pop3Factory(make_portal(with_messages(MSG)), settings, reactor)
+    protocol: Any = factory.buildProtocol(None)
+    server = tcp.Server(ours, protocol, ("127.0.0.1", 40000), None, 1, reactor)  # type: ignore[arg-type]
+    protocol.makeConnection(server)
+    return server, protocol, peer, reactor
+
+
+def receive(peer: socket.socket) -> bytes:
+    peer.setblocking(False)
+    try:
+        return peer.recv(65536)
+    except BlockingIOError:
+        return b""
+    finally:
+        peer.settimeout(5)
+
+
+def close(server: tcp.Server, peer: socket.socket) -> None:
+    server.socket.close()
+    peer.close()
+
+
+def flush(server: tcp.Server, reactor: Reactor) -> None:
+    """Play the reactor: the socket is writable, so write what was queued."""
+    while server in reactor.writers:
+        server.doWrite()  # type: ignore[no-untyped-call]
+
+
+def logged_in() -> tuple[tcp.Server, Any, socket.socket, Reactor]:
+    server, protocol, peer, reactor = connect()
+    assert receive(peer).startswith(b"+OK mail.example.com POP3 server ready")
+    protocol.dataReceived(b"USER alice\r\n")
+    assert receive(peer).startswith(b"+OK")
+    protocol.dataReceived(b"PASS secret\r\n")
+    flush(server, reactor)
+    assert receive(peer).startswith(b"+OK maildrop has 1 messages")
+    return server, protocol, peer, reactor
+
+
+def test_a_lone_reply_is_on_the_wire_before_the_reactor_runs() -> None:
+    server, protocol, peer, reactor = logged_in()
+    protocol.dataReceived(b"NOOP\r\n")
+    assert server not in reactor.writers  # nothing queued: no epoll interest
+    assert receive(peer) == b"+OK\r\n"
+    close(server, peer)
+
+
+def test_pipelined_replies_are_queued_and_leave_together() -> None:
+    server, protocol, peer, reactor = logged_in()
+    protocol.dataReceived(b"NOOP\r\nNOOP\r\nNOOP\r\n")
+    assert receive(peer) == b""  # not one send per reply ...
+    assert server in reactor.writers
+    flush(server, reactor)
+    assert receive(peer) == b"+OK\r\n" * 3  # ... one send for the whole group
+    close(server, peer)
+
+
+def test_a_small_retr_is_sent_whole_at_once() -> None:
+    server, protocol, peer, _ = logged_in()
+    protocol.dataReceived(b"RETR 1\r\n")
+    assert server.producer is None
+    assert receive(peer) == b"+OK 23 octets\r\nSubject: one\r\n\r\nHello\r\n.\r\n"
+    close(server, peer)
