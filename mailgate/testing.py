@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import io
 import itertools
-from collections.abc import Sequence
-from typing import IO
+from collections.abc import Callable, Sequence
+from typing import IO, Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
@@ -178,6 +178,29 @@ class _QueueSink:
 
     def abort(self) -> None:
         self.aborted = True
+
+
+class HeldRunner:
+    """A thread runner whose jobs run only when the test says, one at a time: to see what
+    happens while work is in the thread pool (caps, merging, grouping, ordering)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((d, f, args))
+        return d
+
+    def run_one(self) -> None:
+        """Run the oldest job; its Deferred fires with the result or the exception."""
+        d, f, args = self.jobs.pop(0)
+        try:
+            result = f(*args)
+        except Exception as e:
+            d.errback(e)
+        else:
+            d.callback(result)
 
 
 @implementer(ITLSTransport)

@@ -17,7 +17,7 @@ from mailgate.auth.checker import PasswordChecker, plaintext_digests, plaintext_
 from mailgate.auth.passwords import hash_password, verify_password
 from mailgate.model import Address
 from mailgate.sasl import APOP, CRAM_MD5, DigestResponse
-from mailgate.testing import MemoryUserDatabase
+from mailgate.testing import HeldRunner, MemoryUserDatabase
 
 APOP_TS = b"<1896.697170952@dbc.mtview.ca.us>"
 APOP_DIGEST = b"c4c9334bac560ecc979e58001b3e22fb"
@@ -135,22 +135,6 @@ class CountingVerify:
         return verify_password(stored, password)
 
 
-class HeldRunner:
-    """A thread runner whose jobs wait until the test releases them, to observe the cap."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
-
-    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.pending.append((d, f, args))
-        return d
-
-    def release_one(self) -> None:
-        d, f, args = self.pending.pop(0)
-        d.callback(f(*args))
-
-
 class VerificationCacheTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -243,14 +227,14 @@ class VerificationCacheTests(unittest.TestCase):
         for name in (b"bob", b"ann", b"nobody", b"cat"):
             pw = {b"bob": b"bobpw", b"cat": b"catpw"}.get(name, b"right")
             checker.requestAvatarId(UsernamePassword(name, pw)).addBoth(results.append)
-        assert len(runner.pending) == 2  # two in the thread pool, two waiting
-        runner.release_one()
-        assert len(runner.pending) == 2  # a finished one lets the next in
-        runner.release_one()
-        runner.release_one()
-        assert len(runner.pending) == 1
-        runner.release_one()
-        assert runner.pending == []
+        assert len(runner.jobs) == 2  # two in the thread pool, two waiting
+        runner.run_one()
+        assert len(runner.jobs) == 2  # a finished one lets the next in
+        runner.run_one()
+        runner.run_one()
+        assert len(runner.jobs) == 1
+        runner.run_one()
+        assert runner.jobs == []
         assert results[0] == b"bob@example.com" and results[3] == b"cat@example.com"
         assert results[1] == b"ann@example.com"
         results[2].trap(UnauthorizedLogin)  # unknown user: dummy verification, still a failure
@@ -271,17 +255,17 @@ class VerificationCacheTests(unittest.TestCase):
         checker, runner = self.held_checker()
         same = [self.request(checker, name, b"right") for name in (b"ann", b"ANN@example.com")]
         same += [self.request(checker, b"ann", b"right") for _ in range(14)]
-        assert len(runner.pending) == 1  # sixteen logins, one verification
+        assert len(runner.jobs) == 1  # sixteen logins, one verification
         other_pw = self.request(checker, b"ann", b"wrong")
         other_user = self.request(checker, b"bob", b"bobpw")
-        assert len(runner.pending) == 2  # a different key is not merged (and waits for a slot)
+        assert len(runner.jobs) == 2  # a different key is not merged (and waits for a slot)
         assert all(r == [] for r in same)
-        runner.release_one()
+        runner.run_one()
         assert [r[0] for r in same] == [b"ann@example.com"] * 16
         assert self.verify.calls == 1
-        assert len(runner.pending) == 2  # the slot went to the next distinct verification
-        runner.release_one()
-        runner.release_one()
+        assert len(runner.jobs) == 2  # the slot went to the next distinct verification
+        runner.run_one()
+        runner.run_one()
         other_pw[0].trap(UnauthorizedLogin)
         assert other_user == [b"bob@example.com"]
         assert checker._in_flight == {}
@@ -289,14 +273,14 @@ class VerificationCacheTests(unittest.TestCase):
     def test_merged_failure_reaches_every_waiter_and_is_then_forgotten(self) -> None:
         checker, runner = self.held_checker()
         waiting = [self.request(checker, b"ann", b"wrong") for _ in range(3)]
-        assert len(runner.pending) == 1
-        runner.release_one()
+        assert len(runner.jobs) == 1
+        runner.run_one()
         for r in waiting:
             r[0].trap(UnauthorizedLogin)
         # Completed failures are not shared: the next identical attempt verifies again.
         again = self.request(checker, b"ann", b"wrong")
-        assert len(runner.pending) == 1 and again == []
-        runner.release_one()
+        assert len(runner.jobs) == 1 and again == []
+        runner.run_one()
         again[0].trap(UnauthorizedLogin)
         assert self.verify.calls == 2
         assert len(checker.cache) == 0
@@ -308,7 +292,7 @@ class VerificationCacheTests(unittest.TestCase):
         runner = HeldRunner()
         checker = PasswordChecker(self.users, "example.com", broken, runner)
         waiting = [self.request(checker, b"bob", b"bobpw") for _ in range(2)]
-        held = runner.pending.pop(0)[0]
+        held = runner.jobs.pop(0)[0]
         held.errback(RuntimeError("boom"))
         for r in waiting:
             r[0].trap(RuntimeError)
@@ -322,8 +306,8 @@ class VerificationCacheTests(unittest.TestCase):
         second = self.request(checker, b"ann", b"right")
         first.cancel()  # the first client went away
         first_results[0].trap(CancelledError)
-        assert len(runner.pending) == 1
-        runner.release_one()
+        assert len(runner.jobs) == 1
+        runner.run_one()
         assert second == [b"ann@example.com"]
         assert len(checker.cache) == 1  # the success still counts for later logins
 

@@ -21,6 +21,7 @@ from mailgate.errors import DeliveryError, MaildropInUse, MaildropUnavailable
 from mailgate.interfaces import IMaildrop
 from mailgate.model import Address, Envelope
 from mailgate.store.maildir import MEMORY_LIMIT, MaildirStore
+from mailgate.testing import HeldRunner
 from mailgate.wire import encode_all
 from tests.test_store_contract import failure_of, run_sync, temp_dir
 
@@ -70,6 +71,20 @@ class MaildirTestCase(unittest.TestCase):
     def open(self, who: Address = ALICE, store: MaildirStore | None = None) -> IMaildrop:
         drop: IMaildrop = self.successResultOf((store or self.store).open_maildrop(who))
         return drop
+
+    def record_calls(self, *names: str, arg: int = 0) -> list[str]:
+        """Wrap ``os.<name>`` for each name (for this test); the returned list collects the
+        ``arg``-th argument of every call, e.g. the paths listed, or renamed to."""
+        seen: list[str] = []
+        for name in names:
+            real = getattr(os, name)
+
+            def spy(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+                seen.append(str(args[arg]))
+                return _real(*args, **kwargs)
+
+            patch(self, os, name, spy)
+        return seen
 
     def drop_foreign(self, sub: str, name: str, data: bytes, who: Address = ALICE) -> Path:
         md = self.maildir(who)
@@ -307,23 +322,12 @@ class ForeignFileTests(MaildirTestCase):
 class NoMoveTests(MaildirTestCase):
     """Delivered messages stay in new/ at login (see _Scanner: no 100,000 renames)."""
 
-    def count_renames(self) -> list[str]:
-        seen: list[str] = []
-        real = os.rename
-
-        def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-            seen.append(str(dst))
-            real(src, dst, *args, **kwargs)
-
-        patch(self, os, "rename", rename)
-        return seen
-
     def test_login_moves_nothing_and_keys_say_where_the_file_is(self) -> None:
         for i in range(3):
             self.deliver(b"m%d\n" % i)
         md = self.maildir()
         names = sorted(os.listdir(md / "new"))
-        renames = self.count_renames()
+        renames = self.record_calls("rename", arg=1)
         drop = self.open()
         assert renames == []
         assert sorted(os.listdir(md / "new")) == names
@@ -560,17 +564,6 @@ class RealThreadTests(unittest.TestCase):
 
 
 class ScanCacheTests(MaildirTestCase):
-    def count_lstat(self) -> list[str]:
-        seen: list[str] = []
-        real = os.lstat
-
-        def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
-            seen.append(str(path))
-            return real(path, *args, **kwargs)
-
-        patch(self, os, "lstat", lstat)
-        return seen
-
     def test_later_login_stats_no_message_and_keeps_the_uidlist(self) -> None:
         for i in range(5):
             self.deliver(b"m%d\n" % i)
@@ -579,7 +572,7 @@ class ScanCacheTests(MaildirTestCase):
         first.release()
         uidlist = self.maildir() / "mailgate-uidlist"
         before = uidlist.stat()
-        seen = self.count_lstat()
+        seen = self.record_calls("lstat")
         again = self.open()
         assert [(m.uid, m.size, m.key) for m in again.messages] == uids
         again.release()
@@ -626,22 +619,6 @@ class ScanCacheTests(MaildirTestCase):
         for sub in ("new", "cur"):
             os.utime(self.maildir(who) / sub, (past, past))
 
-    def count_listings(self) -> list[str]:
-        seen: list[str] = []
-        real_scandir, real_listdir = os.scandir, os.listdir
-
-        def scandir(path: Any) -> Any:
-            seen.append(str(path))
-            return real_scandir(path)
-
-        def listdir(path: Any) -> list[str]:
-            seen.append(str(path))
-            return real_listdir(path)
-
-        patch(self, os, "scandir", scandir)
-        patch(self, os, "listdir", listdir)
-        return seen
-
     def test_quiet_maildir_is_not_listed_again(self) -> None:
         for i in range(3):
             self.deliver(b"m%d\n" % i)
@@ -649,7 +626,7 @@ class ScanCacheTests(MaildirTestCase):
         first = self.open()
         uids = [m.uid for m in first.messages]
         first.release()
-        seen = self.count_listings()
+        seen = self.record_calls("scandir", "listdir")
         again = self.open()
         assert [m.uid for m in again.messages] == uids
         again.release()
@@ -680,7 +657,7 @@ class ScanCacheTests(MaildirTestCase):
         timestamp tick as the listing would not move it."""
         self.deliver(b"m0\n")
         self.open().release()
-        seen = self.count_listings()
+        seen = self.record_calls("scandir", "listdir")
         self.open().release()
         assert any(p.endswith("/new") for p in seen)
 
@@ -800,27 +777,6 @@ def test_delivery_order_matches_the_full_key_for_any_mix_of_names() -> None:
                 names.add(rng.choice(["abc", "x.y", "1700000000", "1700000000.", "0001700000.x"]))
         expected = sorted(sorted(names), key=_delivery_rank)
         assert in_delivery_order(names) == expected
-
-
-class HeldRunner:
-    """A thread runner whose jobs run only when the test says (one hop at a time)."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
-
-    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.jobs.append((d, f, args))
-        return d
-
-    def run_one(self) -> None:
-        d, f, args = self.jobs.pop(0)
-        try:
-            result = f(*args)
-        except Exception as e:
-            d.errback(e)
-        else:
-            d.callback(result)
 
 
 class GroupCommitTests(MaildirTestCase):

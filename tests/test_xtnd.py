@@ -38,7 +38,7 @@ from mailgate.pop3._grammar import (
 from mailgate.pop3.server import State
 from mailgate.pop3.xtnd import first_header_lines
 from mailgate.realm import MailRealm
-from mailgate.testing import MemoryMailStore, MemoryQueue, MemoryUserDatabase
+from mailgate.testing import HeldRunner, MemoryMailStore, MemoryQueue, MemoryUserDatabase
 
 ALICE = Address("alice", "example.com")
 BOB = Address("bob", "example.com")
@@ -654,19 +654,12 @@ class XlstTests(unittest.TestCase):
         return reply.split(b"\r\n")[1:-2]
 
     def test_headers_are_read_off_the_reactor_and_later_commands_wait(self) -> None:
-        held: list[tuple[Deferred[Any], Any]] = []
-
-        def runner(f: Any, *args: Any) -> Deferred[Any]:
-            d: Deferred[Any] = Deferred()
-            held.append((d, lambda: f(*args)))
-            return d
-
+        runner = HeldRunner()
         assert self.s.cmd("QUIT").startswith(b"+OK")  # setUp's session holds the lock
         s = self.world.session(xtnd_xmit=False, xtnd_xlst=True, run_in_thread=runner)
         s.login()
         assert s.send(b"XTND XLST Subject 1\r\nNOOP\r\n") == b""  # reading: NOOP waits
-        d, job = held.pop()
-        d.callback(job())
+        runner.run_one()
         reply = s.take()
         assert reply.startswith(b"+OK xlst command accepted; headers coming.\r\n")
         assert reply.endswith(b"1 Subject: first\r\n.\r\n+OK\r\n")

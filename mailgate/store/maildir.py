@@ -375,16 +375,9 @@ class MaildirStore:
         except OSError:
             return None
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise MaildropInUse("maildrop locked by another session") from None
-                raise
+            _lock(fd)
             new, cur = os.path.join(maildir, "new"), os.path.join(maildir, "cur")
-            if _quiet_stamps(new, cur, time.time()) != cached.dirs or cached.stamp != _stamp(
-                os.path.join(maildir, UIDLIST_NAME)
-            ):
+            if not cached.unchanged(maildir, _quiet_stamps(new, cur, time.time())):
                 os.close(fd)
                 return None
             _name_holder(fd)
@@ -405,11 +398,12 @@ class MaildirStore:
             _log.error("cannot open maildir {maildir}: {error}", maildir=maildir, error=e)
             raise MaildropUnavailable("maildrop cannot be opened") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd)
+        except MaildropInUse:
+            os.close(fd)
+            raise
         except OSError as e:
             os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise MaildropInUse("maildrop locked by another session") from None
             _log.error("cannot lock maildir {maildir}: {error}", maildir=maildir, error=e)
             raise MaildropUnavailable("maildrop cannot be locked") from None
         try:
@@ -424,6 +418,16 @@ class MaildirStore:
             os.close(fd)
             raise
         return MaildirMaildrop(self, maildir, fd, messages, address)
+
+
+def _lock(fd: int) -> None:
+    """The session lock, without waiting: MaildropInUse if another session holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise MaildropInUse("maildrop locked by another session") from None
+        raise
 
 
 def _name_holder(fd: int) -> None:
@@ -468,6 +472,16 @@ class _MaildirState:
         #: new/ and cur/ as they were before this scan listed them, kept only when both had
         #: been quiet for QUIET_DIR seconds (see _Scanner.scan); None: list them next time.
         self.dirs = dirs
+
+    def unchanged(self, maildir: str, dirs: tuple[_Stamp, _Stamp] | None) -> bool:
+        """Whether this scan still holds: neither directory changed since a listing made
+        while both were quiet (``dirs``: their stamps now, None if not quiet), so the same
+        files are there, and the uidlist was not rewritten (by another process)."""
+        return (
+            dirs is not None
+            and dirs == self.dirs
+            and _stamp(os.path.join(maildir, UIDLIST_NAME)) == self.stamp
+        )
 
 
 #: A directory whose mtime is at least this old when it is listed is trusted to be
@@ -580,13 +594,6 @@ class _Scanner:
     def _examine(self, sub: str, name: str, now: float) -> tuple[str, _Entry] | None:
         """(key, entry) of a file not seen by the previous scan; None if it vanished."""
         base, sep, info = name.partition(":")
-        # Fast path for the usual name (ours): "<10-digit secs>.<...>,W=<digits>", no stat.
-        i = base.rfind(",W=")
-        if i > 0 and base[10:11] == "." and base[:10].isdigit():
-            digits = base[i + 3 :]
-            secs = float(base[:10])
-            if digits.isdigit() and digits.isascii() and secs <= now + 86400:
-                return f"{sub}/{name}", (base, int(digits), secs)
         path = f"{self.maildir}/{sub}/{name}"
         wire = _wire_of(base)
         if wire is None:
@@ -606,14 +613,7 @@ class _Scanner:
         known = cached.by_name if cached is not None else {}
         now = time.time()
         dirs = _quiet_stamps(self.new, self.cur, now)
-        # Neither directory changed since a listing made while both were quiet: the same
-        # files are there. Only the uidlist can differ (another process's rewrite).
-        if (
-            cached is not None
-            and dirs is not None
-            and dirs == cached.dirs
-            and _stamp(os.path.join(self.maildir, UIDLIST_NAME)) == cached.stamp
-        ):
+        if cached is not None and cached.unchanged(self.maildir, dirs):
             store._remember(self.maildir, cached)
             return list(cached.messages)
         in_new = self._regular_names(self.new)
@@ -631,20 +631,21 @@ class _Scanner:
                 key = prefix + name
                 entry = known.get(key)
                 if entry is None:
-                    # The usual name (ours, no flags) inline: a call per message was a
-                    # fifth of a first login on a big maildrop. Anything else: _examine.
-                    i = name.rfind(",W=")
-                    digits = name[i + 3 :]
+                    # The usual name, "<10-digit secs>.<...>,W=<digits>[:<flags>]", inline
+                    # and without a stat: a call per message was a fifth of a first login
+                    # on a big maildrop. Anything else (foreign names): _examine.
+                    base = name.partition(":")[0] if ":" in name else name
+                    i = base.rfind(",W=")
+                    digits = base[i + 3 :]
                     if (
                         i > 10
-                        and name[10] == "."
+                        and base[10] == "."
                         and digits.isdigit()
                         and digits.isascii()
-                        and ":" not in name
-                        and name[:10].isdigit()
-                        and float(name[:10]) <= future
+                        and base[:10].isdigit()
+                        and float(base[:10]) <= future
                     ):
-                        entry = (name, int(digits), float(name[:10]))
+                        entry = (base, int(digits), float(base[:10]))
                     else:
                         found = self._examine(sub, name, now)
                         if found is None:
