@@ -275,10 +275,14 @@ def login(port: int) -> tuple[poplib.POP3, bytes]:
 
 
 def connection_on_each_process(port: int, pids: list[int]) -> dict[int, poplib.POP3]:
-    """Open POP3 connections until one is served by each of ``pids``."""
+    """Open POP3 connections until one is served by each of ``pids``.
+
+    A connection that lands on a process already found is closed at once: holding it would
+    count against the per-client limit (20 per process), and the kernel may hand many
+    connections in a row to the same process.
+    """
     found: dict[int, poplib.POP3] = {}
-    spare: list[poplib.POP3] = []
-    for _ in range(200):
+    for _ in range(500):
         p = poplib.POP3("127.0.0.1", port, timeout=10)
         pid = server_pid(p.sock, pids)
         if pid is not None and pid not in found:
@@ -286,9 +290,7 @@ def connection_on_each_process(port: int, pids: list[int]) -> dict[int, poplib.P
             if len(found) == len(pids):
                 break
         else:
-            spare.append(p)
-    for p in spare:
-        p.quit()
+            p.quit()
     return found
 
 
