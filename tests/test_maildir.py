@@ -464,7 +464,26 @@ class LockTests(MaildirTestCase):
 
     def test_lock_file_names_the_holder(self) -> None:
         drop = self.open()
-        assert (self.maildir() / "mailgate.lock").read_text() == f"{os.getpid()}\n"
+        assert (self.maildir() / "mailgate.lock").read_text().strip() == str(os.getpid())
+        drop.release()
+
+    def test_new_holder_overwrites_the_pid_in_place(self) -> None:
+        """Another process held it last (same width, old pid): no truncate, just a write."""
+        self.open().release()
+        lock = self.maildir() / "mailgate.lock"
+        lock.write_text(f"{1:<10}\n")
+        truncated = self.record_calls("ftruncate")
+        drop = self.open()
+        assert lock.read_text().strip() == str(os.getpid())
+        assert truncated == []
+        drop.release()
+
+    def test_lock_file_of_another_width_is_rewritten_whole(self) -> None:
+        self.open().release()
+        lock = self.maildir() / "mailgate.lock"
+        lock.write_text("4194303 left by an old version\n")
+        drop = self.open()
+        assert lock.read_text() == f"{os.getpid():<10}\n"
         drop.release()
 
     def test_commit_after_release_is_refused(self) -> None:
