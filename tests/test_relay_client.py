@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import datetime
 import io
+import random
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -441,11 +442,9 @@ def test_mx_order_and_fallbacks() -> None:
             "flaky.example": DNSServerError("servfail"),
         }
     )
-    assert resolved(mail_hosts(r, "a.example")) == [
-        "mx1.a.example",
-        "mx2.a.example",
-        "mx3.a.example",
-    ]
+    hosts = resolved(mail_hosts(r, "a.example"))
+    assert hosts[0] == "mx1.a.example"
+    assert sorted(hosts[1:]) == ["mx2.a.example", "mx3.a.example"]
     assert resolved(mail_hosts(r, "plain.example")) == ["plain.example"]
     assert resolved(mail_hosts(r, "[192.0.2.1]")) == ["192.0.2.1"]
     null = resolved(mail_hosts(r, "nullmx.example"))
@@ -455,6 +454,27 @@ def test_mx_order_and_fallbacks() -> None:
     flaky = resolved(mail_hosts(r, "flaky.example"))
     assert isinstance(flaky.value, DeliveryError) and not flaky.value.permanent
     assert order_mx([(5, "x."), (5, "X")], "d") == ["x"]
+
+
+def test_equal_preference_hosts_are_tried_in_random_order() -> None:
+    """RFC 5321 5.1: spread the load over MX hosts of one preference; never across them."""
+    records = [(20, "c.example"), (10, "a1.example"), (10, "a2.example"), (10, "a3.example")]
+    seen = set()
+    rng = random.Random(7)
+    for _ in range(200):
+        hosts = order_mx(records, "d", rng)
+        assert hosts[3] == "c.example"
+        assert sorted(hosts[:3]) == ["a1.example", "a2.example", "a3.example"]
+        seen.add(tuple(hosts[:3]))
+    assert len(seen) == 6  # every order of the three equal hosts occurs
+
+
+def test_host_listed_twice_keeps_its_best_place() -> None:
+    records = [(10, "a.example"), (10, "b.example"), (20, "a.example"), (30, "c.example")]
+    for seed in range(20):
+        hosts = order_mx(records, "d", random.Random(seed))
+        assert sorted(hosts[:2]) == ["a.example", "b.example"]
+        assert hosts[2:] == ["c.example"]
 
 
 def test_null_mx_is_permanent_per_recipient() -> None:

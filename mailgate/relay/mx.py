@@ -1,5 +1,8 @@
 """Next-hop selection for a recipient domain: MX by preference, else the domain itself.
 
+Hosts of equal preference are tried in random order (RFC 5321 5.1: "the SMTP client SHOULD
+pick one at random to spread the load"); the random source is injectable for tests.
+
 The resolver is injected (anything with twisted.names' ``lookupMailExchange``), so tests
 pass a fake. RFC 5321 5.1: no MX records means the domain's own A/AAAA records are used;
 RFC 7505: a single MX of "." (a null MX) means the domain accepts no mail at all.
@@ -7,6 +10,7 @@ RFC 7505: a single MX of "." (a null MX) means the domain accepts no mail at all
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -32,8 +36,11 @@ def _host_name(name: object) -> str:
     return text.rstrip(".").lower()
 
 
-def order_mx(records: Sequence[tuple[int, str]], domain: str) -> list[str]:
-    """Hosts to try, best preference first (stable), duplicates removed.
+def order_mx(
+    records: Sequence[tuple[int, str]], domain: str, rng: random.Random | None = None
+) -> list[str]:
+    """Hosts to try: best preference first, equal preferences shuffled, duplicates removed
+    (a host listed twice keeps its best place).
 
     No records: the domain itself (implicit MX). Only a null MX: a permanent failure.
     """
@@ -43,16 +50,24 @@ def order_mx(records: Sequence[tuple[int, str]], domain: str) -> list[str]:
         raise DeliveryError(
             f"5.1.10 domain {domain} does not accept mail (null MX)", permanent=True
         )
-    hosts: list[str] = []
-    for _, name in sorted(records, key=lambda r: r[0]):
+    by_preference: dict[int, list[str]] = {}
+    for preference, name in records:
         host = _host_name(name)
-        if host and host not in hosts:
-            hosts.append(host)
+        if host:
+            by_preference.setdefault(preference, []).append(host)
+    hosts: list[str] = []
+    for preference in sorted(by_preference):
+        group = list(dict.fromkeys(h for h in by_preference[preference] if h not in hosts))
+        (rng or _random).shuffle(group)
+        hosts.extend(group)
     return hosts
 
 
+_random = random.Random()
+
+
 @inlineCallbacks
-def mail_hosts(resolver: MXResolver, domain: str) -> Any:
+def mail_hosts(resolver: MXResolver, domain: str, rng: random.Random | None = None) -> Any:
     """Deferred list of host names (or address literals) to try for ``domain``.
 
     Fails with DeliveryError: permanent when the domain does not exist or has a null MX,
@@ -72,4 +87,4 @@ def mail_hosts(resolver: MXResolver, domain: str) -> Any:
         for rr in answers
         if getattr(rr, "type", None) == dns.MX
     ]
-    return order_mx(records, domain)
+    return order_mx(records, domain, rng)
