@@ -249,44 +249,6 @@ class WorkerPool(Service):
 # -- the child side ----------------------------------------------------------------------
 
 
-class BatchedLines:
-    """A write-only text stream to the master that sends what one reactor turn wrote in
-    one ``write``.
-
-    Under load a turn handles many sessions; one pipe write per log line (and one wakeup of
-    the master per read) was most of what relaying a worker's log cost. Lines wait at most
-    until the next turn, which starts at once; if the reactor is not running they go out
-    immediately.
-    """
-
-    def __init__(self, reactor: Any, fd: int) -> None:
-        self._reactor = reactor
-        self._fd = fd
-        self._pending: list[str] = []
-        self._scheduled: IDelayedCall | None = None
-
-    def write(self, text: str) -> int:
-        self._pending.append(text)
-        if not self._reactor.running:
-            self.flush()
-        elif self._scheduled is None:
-            self._scheduled = self._reactor.callLater(float(os.environ.get("MG_FLUSH", "0")), self.flush)
-        return len(text)
-
-    def flush(self) -> None:
-        if self._scheduled is not None:
-            if self._scheduled.active():
-                self._scheduled.cancel()
-            self._scheduled = None
-        if not self._pending:
-            return
-        data = "".join(self._pending).encode("utf-8", "replace")
-        self._pending.clear()
-        with contextlib.suppress(OSError):  # the master is gone: nobody left to tell
-            while data:
-                data = data[os.write(self._fd, data) :]
-
-
 def worker_command(mailgate_args: Sequence[str], count: int) -> list[str]:
     """The argv a child runs: this module, how many inherited sockets, the server options."""
     return [sys.executable, "-m", "mailgate.workers", str(count), *mailgate_args]
@@ -309,15 +271,13 @@ def worker_main(argv: Sequence[str]) -> int:
         die_with_parent(master)
     count = int(argv[0])
     # No timestamp: the master's log adds its own when it relays the line.
-    to_master = BatchedLines(reactor, os.open(os.devnull, os.O_WRONLY) if os.environ.get("MG_EXP_NOLOG") else sys.stderr.fileno())
     globalLogBeginner.beginLoggingTo(
         [
             FileLogObserver(
-                to_master, lambda e: f"[{e.get('log_namespace', '-')}] {formatEvent(e)}\n"
+                sys.stderr, lambda e: f"[{e.get('log_namespace', '-')}] {formatEvent(e)}\n"
             )
         ]
     )
-    reactor.addSystemEventTrigger("after", "shutdown", to_master.flush)
     raise_open_file_limit()
     options = Options()
     try:
