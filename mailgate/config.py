@@ -160,6 +160,7 @@ class QueueConfig:
     first_retry: float = 300.0
     max_retry: float = 3600.0
     max_concurrent: int = 10
+    delay_warning: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -434,6 +435,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         first_retry=queue.positive("first_retry", 300),
         max_retry=queue.positive("max_retry", 3600),
         max_concurrent=int(queue.positive("max_concurrent", 10)),
+        delay_warning=queue.positive("delay_warning", 0, minimum=0),
     )
     queue.done()
 

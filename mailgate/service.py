@@ -618,6 +618,7 @@ def build_service(
             max_retry=config.queue.max_retry,
             lifetime=config.queue.lifetime,
             max_concurrent=config.queue.max_concurrent,
+            delay_warning=config.queue.delay_warning,
         ),
     )
     service.tls = context

@@ -159,6 +159,7 @@ ca_file = "ca.pem"
 [queue]
 lifetime = 3600
 first_retry = 10
+delay_warning = 14400
 
 [submission]
 enforce_from = true
@@ -171,6 +172,10 @@ enforce_from = true
     assert c.relay.tls == "required"
     assert c.relay.ca_file == tmp_path / "ca.pem"
     assert c.queue.lifetime == 3600 and c.queue.first_retry == 10
+    assert c.queue.delay_warning == 14400
+    assert load_config(write(tmp_path, "")).queue.delay_warning == 0  # off by default
+    with pytest.raises(ConfigError, match=r"queue.delay_warning"):
+        load_config(write(tmp_path, "[queue]\ndelay_warning = -1\n"))
     assert c.submission.enforce_from
 
 

@@ -231,6 +231,68 @@ def test_lifetime_expiry_bounces_remaining(tmp_path: Path) -> None:
     assert len(h.relay.calls) == attempts
 
 
+def test_delay_warning_sent_once_then_final_bounce(tmp_path: Path) -> None:
+    """[queue] delay_warning: one "Action: delayed" DSN once the message is that old and
+    still pending; later attempts send no second one; expiry still bounces."""
+    h = Harness(tmp_path / "spool", QueueSettings(delay_warning=1000, lifetime=4000))
+    h.relay.script = lambda r: ("temp", 451, "4.7.1 greylisted")
+    h.runner.startService()
+    queue_id = h.submit(rcpts=(BOB,))
+    h.clock.advance(300)  # second attempt, 300 s old
+    h.clock.advance(600)  # third attempt, 900 s old: not yet
+    assert h.dsns_for(ALICE) == []
+    h.clock.advance(1200)  # fourth attempt, 2100 s old
+    [warning] = h.dsns_for(ALICE)
+    msg = email.message_from_bytes(warning, policy=email.policy.default)
+    assert msg["Subject"] == "Delayed Mail (still being retried)"
+    status = status_blocks(warning)
+    assert status[1]["Action"] == "delayed"
+    assert status[1]["Status"] == "4.7.1"
+    assert "451" in status[1]["Diagnostic-Code"]
+    assert h.spool.directory.read_envelope("deferred", queue_id).delay_warned
+    for _ in range(10):
+        h.clock.advance(3600)
+    assert h.state(queue_id) is None
+    warning_again, final = h.dsns_for(ALICE)
+    assert warning_again == warning
+    assert status_blocks(final)[1]["Action"] == "failed"
+
+
+def test_delay_warning_off_by_default_and_never_to_null_sender(tmp_path: Path) -> None:
+    for settings, sender in ((QueueSettings(), ALICE), (QueueSettings(delay_warning=60), None)):
+        h = Harness(tmp_path / f"spool-{sender}", settings)
+        h.relay.script = lambda r: ("temp", 451, "4.3.0 later")
+        h.runner.startService()
+        queue_id = h.submit(sender=sender, rcpts=(BOB,))
+        for _ in range(5):
+            h.clock.advance(3600)
+        assert h.state(queue_id) == "deferred"
+        assert h.store.delivered == []
+        assert len(h.relay.calls) == 6  # nothing but the message itself went out
+
+
+def test_delay_warning_that_fails_is_tried_again(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "spool", QueueSettings(delay_warning=60))
+    h.relay.script = lambda r: ("temp", 451, "4.3.0 later")
+    h.runner.startService()
+    queue_id = h.submit(rcpts=(BOB,))
+    h.store.fail_next = True  # type: ignore[attr-defined]
+    broken = h.store.open_delivery
+
+    def failing(envelope: Envelope) -> Any:
+        if getattr(h.store, "fail_next", False):
+            h.store.fail_next = False  # type: ignore[attr-defined]
+            raise OSError("disk full")
+        return broken(envelope)
+
+    h.store.open_delivery = failing  # type: ignore[method-assign]
+    h.clock.advance(300)
+    assert h.dsns_for(ALICE) == []
+    assert not h.spool.directory.read_envelope("deferred", queue_id).delay_warned
+    h.clock.advance(600)
+    assert len(h.dsns_for(ALICE)) == 1
+
+
 def test_relay_crash_defers_without_losing(h: Harness) -> None:
     h.relay.broken = True
     h.runner.startService()

@@ -58,6 +58,9 @@ class QueueSettings:
     lifetime: float = 5 * 86400.0
     max_concurrent: int = 10
     rescan_interval: float = 30.0
+    #: Seconds after arrival at which a sender whose message is still deferred gets one
+    #: "delayed" DSN (RFC 3464 Action: delayed); 0 never sends one, as Postfix's default.
+    delay_warning: float = 0.0
 
 
 def retry_delay(attempts: int, settings: QueueSettings) -> float:
@@ -280,6 +283,16 @@ class QueueRunner(Service):
                     detail = f" (last error: {r.code} {r.text})" if r.code else ""
                     r.text = f"4.4.7 message expired after {entry.attempts} attempts{detail}"
                     r.code = r.code if r.code and r.code >= 400 else 450
+            if self._delay_warning_due(entry, now):
+                try:
+                    yield self._warn_delay(entry)
+                except Exception:
+                    # Not marked as warned: the next attempt tries again.
+                    _log.failure(
+                        "queue {queue_id}: could not create the delay DSN", queue_id=queue_id
+                    )
+                else:
+                    entry.delay_warned = True
             yield spool.call(
                 spool.directory.write_envelope, spool.directory.entry_dir("active", queue_id), entry
             )
@@ -391,6 +404,22 @@ class QueueRunner(Service):
         with self.spool.directory.open_message("active", queue_id) as f:
             return header_block(f.read(_HEADER_READ))
 
+    def _delay_warning_due(self, entry: QueueEntry, now: float) -> bool:
+        after = self.settings.delay_warning
+        return (
+            after > 0
+            and not entry.delay_warned
+            and bool(entry.pending)
+            and now - entry.created >= after
+        )
+
+    @inlineCallbacks
+    def _warn_delay(self, entry: QueueEntry) -> Any:
+        """One "delayed" DSN for the recipients still pending (never to a null sender)."""
+        if entry.sender is None:
+            return
+        yield self._send_dsn(entry, entry.pending, "delayed")
+
     @inlineCallbacks
     def _bounce(self, entry: QueueEntry) -> Any:
         """Tell the sender about every failure not yet reported (one DSN per entry and run)."""
@@ -402,22 +431,33 @@ class QueueRunner(Service):
                 queue_id=entry.queue_id,
                 n=len(failed),
             )
-            for r in failed:
-                r.notified = True
-            return
+        else:
+            yield self._send_dsn(entry, failed, "failed")
+        for r in failed:
+            r.notified = True
+
+    @inlineCallbacks
+    def _send_dsn(self, entry: QueueEntry, recipients: Sequence[Any], action: str) -> Any:
+        """Deliver a DSN about ``recipients`` to the entry's (non-null) sender."""
+        assert entry.sender is not None
         try:
             headers = yield self.spool.call(self._read_headers_blocking, entry.queue_id)
         except Exception:
             headers = b""
-        failures = [
-            FailedRecipient(
-                r.address,
-                status_from_reply(r.code, r.text),
-                f"{r.code} {r.text}" if r.code else r.text,
-                r.remote_mta,
+        failures = []
+        for r in recipients:
+            status = status_from_reply(r.code, r.text)
+            if action == "delayed" and not status.startswith("4."):
+                status = "4.0.0"  # still being retried: transient by definition
+            failures.append(
+                FailedRecipient(
+                    r.address,
+                    status,
+                    f"{r.code} {r.text}" if r.code else r.text,
+                    r.remote_mta,
+                    action,
+                )
             )
-            for r in failed
-        ]
         dsn = build_dsn(
             hostname=self.hostname,
             sender=entry.sender,
@@ -439,14 +479,13 @@ class QueueRunner(Service):
             raise
         dsn_id = yield sink.finish()
         _log.info(
-            "queue {queue_id}: DSN {dsn_id} for {n} failed recipient(s) sent to <{sender}>",
+            "queue {queue_id}: DSN {dsn_id} ({action}) for {n} recipient(s) sent to <{sender}>",
             queue_id=entry.queue_id,
             dsn_id=dsn_id,
-            n=len(failed),
+            action=action,
+            n=len(failures),
             sender=str(entry.sender),
         )
-        for r in failed:
-            r.notified = True
 
 
 async def _noop() -> None:

@@ -148,6 +148,8 @@ class QueueEntry:
     next_attempt: float = 0.0
     last_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The sender has had the (one) "delayed" DSN for this message.
+    delay_warned: bool = False
 
     @property
     def pending(self) -> list[RecipientState]:
@@ -163,6 +165,7 @@ class QueueEntry:
             "attempts": self.attempts,
             "next_attempt": self.next_attempt,
             "last_error": self.last_error,
+            "delay_warned": self.delay_warned,
         }
 
     @classmethod
@@ -176,10 +179,13 @@ class QueueEntry:
         attempts = data.get("attempts", 0)
         next_attempt = data.get("next_attempt", 0.0)
         last_error = data.get("last_error")
+        delay_warned = data.get("delay_warned", False)  # absent in older envelopes
         if not isinstance(created, int | float) or not isinstance(next_attempt, int | float):
             raise CorruptEntry("bad times")
-        if not isinstance(attempts, int) or (
-            last_error is not None and not isinstance(last_error, str)
+        if (
+            not isinstance(attempts, int)
+            or (last_error is not None and not isinstance(last_error, str))
+            or not isinstance(delay_warned, bool)
         ):
             raise CorruptEntry("bad counters")
         return cls(
@@ -190,6 +196,7 @@ class QueueEntry:
             attempts,
             float(next_attempt),
             last_error,
+            delay_warned=delay_warned,
         )
 
 
