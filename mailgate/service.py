@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate import demo, tls
+from mailgate import demo, fastpoll, tls
 from mailgate.auth.checker import PasswordChecker
 from mailgate.auth.passwords import (
     DUMMY_HASH,
@@ -559,6 +559,7 @@ def build_service(
     the order of the TCP listeners), runs no queue runner and creates no demo account.
     """
     is_child = inherited_fds is not None
+    fastpoll.install(reactor)
     state = config.state_dir
     state.mkdir(parents=True, exist_ok=True)
     (state / "mail").mkdir(exist_ok=True)
