@@ -28,6 +28,9 @@ __all__ = [
 LINE_LIMIT = 1000
 
 _NEWLINE = re.compile(rb"\r\n|\r|\n")
+#: Where a line starts with a dot. sre's literal scan finds this 3-byte needle about 3x
+#: faster than ``bytes.find`` in ordinary text (see mailgate/wire.py).
+_CRLF_DOT = re.compile(rb"\r\n\.")
 
 
 class BareNewline(enum.Enum):
@@ -123,9 +126,10 @@ class DataReader:
             self._fail(DataStatus.LINE_TOO_LONG)
         self._content(seg, out)
 
-    def _content(self, data: bytes, out: list[bytes]) -> None:
-        """Count (in CRLF octets) and pass on content, unless the message already failed."""
-        self.size += len(data) + data.count(b"\n")
+    def _content(self, data: bytes, out: list[bytes], newlines: int | None = None) -> None:
+        """Count (in CRLF octets) and pass on content, unless the message already failed.
+        ``newlines``: the number of LFs in ``data``, when the caller already knows it."""
+        self.size += len(data) + (data.count(b"\n") if newlines is None else newlines)
         if self._max_size is not None and self.size > self._max_size:
             self._fail(DataStatus.TOO_BIG)
         if self.status is DataStatus.OK:
@@ -150,18 +154,27 @@ class DataReader:
     def _fast(self, data: bytes, out: list[bytes]) -> bool:
         """Whole chunk at C speed when it is plain CRLF text: no dot at a line start, no
         bare CR/LF, no over-long line. Anything else (including the end) takes the line loop,
-        which gives the same result."""
-        if self._dot_held or (self._line_len == 0 and data[:1] == b".") or b"\r\n." in data:
+        which gives the same result.
+
+        ``feed`` never passes a chunk holding CRLF "." (it cuts just before the dot), so
+        only a dot at the very start needs a look here.
+        """
+        if self._dot_held or (self._line_len == 0 and data[:1] == b"."):
             return False
-        n = data.count(b"\r\n")
-        if n == 0 or data.count(b"\r") != n or data.count(b"\n") != n:
+        text = data.replace(b"\r\n", b"\n")
+        pairs = len(data) - len(text)
+        # Every CR was part of a CRLF and every LF too: no bare line ends.
+        if pairs == 0 or b"\r" in text or text.count(b"\n") != pairs:
             return False
-        lines = data.split(b"\r\n")
-        longest = max(self._line_len + len(lines[0]), *map(len, lines[1:]))
-        if longest > self._max_line:
-            return False
-        self._content(data.replace(b"\r\n", b"\n"), out)
-        self._line_len = len(lines[-1])
+        if self._line_len + len(text) > self._max_line:  # only then can a line be too long
+            lines = text.split(b"\n")
+            longest = max(self._line_len + len(lines[0]), *map(len, lines[1:]))
+            if longest > self._max_line:
+                return False
+            self._line_len = len(lines[-1])
+        else:
+            self._line_len = len(text) - text.rfind(b"\n") - 1
+        self._content(text, out, pairs)
         self._after_crlf = True
         return True
 
@@ -203,8 +216,8 @@ class DataReader:
                 m = _NEWLINE.search(data, pos)
                 cut = m.end() if m else size
             else:
-                found = data.find(b"\r\n.", pos)
-                cut = size if found < 0 else found + 2
+                found = _CRLF_DOT.search(data, pos)
+                cut = size if found is None else found.start() + 2
                 if self._fast(data[pos:cut], out):
                     pos = cut
                     continue

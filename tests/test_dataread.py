@@ -238,9 +238,9 @@ class CountingReader(DataReader):
 
     content_calls = 0
 
-    def _content(self, data: bytes, out: list[bytes]) -> None:
+    def _content(self, data: bytes, out: list[bytes], newlines: int | None = None) -> None:
         self.content_calls += 1
-        super()._content(data, out)
+        super()._content(data, out, newlines)
 
 
 _LINE = b"The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\r\n"
