@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IAddress, IProtocol, ITLSTransport
+from twisted.internet.interfaces import IAddress, IProtocol, ITLSTransport, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -313,3 +313,23 @@ def test_guard_puts_the_watchdog_inside_implicit_tls_and_the_limiter_outside() -
     first.makeConnection(TLSStringTransport(v4("192.0.2.1")))
     refused = factory.buildProtocol(v4("192.0.2.1", 2))
     assert isinstance(refused, TLSMemoryBIOProtocol)  # the refusal is spoken inside TLS
+
+
+def test_wrappers_provide_what_their_transport_provides_per_kind_of_transport() -> None:
+    """The interface declaration is reused per kind of transport, never across kinds."""
+    limiter = ConnectionLimiter(
+        RecorderFactory(), Clock(), max_total=10, max_per_peer=10, refuse_reply=POP3_REFUSAL
+    )
+    watchdog = LineWatchdog(limiter, Clock())
+    for _ in range(2):  # the second round takes the cached declarations
+        tls_capable, _ = connect(watchdog, v4("192.0.2.1"))
+        plain = watchdog.buildProtocol(v4("192.0.2.2"))
+        assert plain is not None
+        plain.makeConnection(StringTransport())  # type: ignore[no-untyped-call]
+        for outer in (tls_capable, plain):
+            inner = cast(Any, outer).wrappedProtocol
+            assert ITransport.providedBy(outer) and ITransport.providedBy(inner)
+        assert ITLSTransport.providedBy(tls_capable)
+        assert ITLSTransport.providedBy(cast(Any, tls_capable).wrappedProtocol)
+        assert not ITLSTransport.providedBy(plain)
+        assert not ITLSTransport.providedBy(cast(Any, plain).wrappedProtocol)
