@@ -62,6 +62,36 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICK
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(x) for x in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    total = sum(values[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def settle(threshold: float = 0.15, window: float = 0.5, timeout: float = 60.0) -> float:
+    """Wait until the whole machine is quiet; returns the seconds waited.
+
+    What one scenario leaves running must not be measured as part of the next: after the
+    idle scenario Dovecot reaps 10,000 login processes, which took CPU from the first
+    round's POP3 runs (22 sessions/s for Dovecot, a third less for mailgate) and from the
+    100k first login. Quiet means below ``threshold`` of all CPUs busy over ``window``.
+    """
+    start = time.monotonic()
+    busy0, total0 = _cpu_times()
+    while True:
+        time.sleep(window)
+        busy1, total1 = _cpu_times()
+        if total1 > total0 and (busy1 - busy0) / (total1 - total0) < threshold:
+            break
+        if time.monotonic() - start > timeout:
+            break
+        busy0, total0 = busy1, total1
+    return time.monotonic() - start
+
+
 def tree_cpu(roots: list[int]) -> float:
     return cpu_seconds(tree(roots))
 

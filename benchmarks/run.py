@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks import loadgen, report, scenarios, seed, servers
+from benchmarks.procstat import settle
 from benchmarks.scenarios import Figures, Sizes
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -130,6 +131,9 @@ def run(stack: Stack, sizes: Sizes, only: set[str] | None) -> Samples:
         if rnd % 2:
             pairs.reverse()  # interleave: alternate who goes first
         for server, roots in pairs:
+            waited = settle()
+            if waited > 2:
+                print(f"  (waited {waited:.0f} s for the machine to go quiet)")
             print(f"  {name:24} {server.name:9}", end=" ", flush=True)
             try:
                 figures = fn(server, roots)
@@ -143,6 +147,7 @@ def run(stack: Stack, sizes: Sizes, only: set[str] | None) -> Samples:
     # First, on fresh servers: Argon2id load leaves memory behind that would blur this.
     if want("idle"):
         for server in stack.pop3_pair():
+            settle()
             print(f"  idle x{sizes.idle:<17} {server.name:9}", end=" ", flush=True)
             try:
                 figures = scenarios.idle_connections(server, sizes.idle)
@@ -153,6 +158,7 @@ def run(stack: Stack, sizes: Sizes, only: set[str] | None) -> Samples:
             print(f"held={figures['held']:.0f} kb/conn={figures['kb_per_conn']:.1f}", flush=True)
     if want("huge_maildrop"):
         for server in stack.pop3_pair():
+            settle()
             try:
                 first, *later = scenarios.huge_maildrop(server, 1 + sizes.later_logins)
             except Exception as e:
