@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -249,13 +250,17 @@ def test_delay_warning_sent_once_then_final_bounce(tmp_path: Path) -> None:
     assert status[1]["Action"] == "delayed"
     assert status[1]["Status"] == "4.7.1"
     assert "451" in status[1]["Diagnostic-Code"]
-    assert h.spool.directory.read_envelope("deferred", queue_id).delay_warned
+    entry = h.spool.directory.read_envelope("deferred", queue_id)
+    until = email.utils.parsedate_to_datetime(status[1]["Will-Retry-Until"]).timestamp()
+    assert abs(until - (entry.created + 4000)) < 1  # arrival + lifetime
+    assert entry.delay_warned
     for _ in range(10):
         h.clock.advance(3600)
     assert h.state(queue_id) is None
     warning_again, final = h.dsns_for(ALICE)
     assert warning_again == warning
     assert status_blocks(final)[1]["Action"] == "failed"
+    assert "Will-Retry-Until" not in status_blocks(final)[1]
 
 
 def test_delay_warning_off_by_default_and_never_to_null_sender(tmp_path: Path) -> None:

@@ -35,6 +35,8 @@ class FailedRecipient:
     diagnostic: str | None = None
     remote_mta: str | None = None
     action: str = "failed"
+    #: For a "delayed" report: when retrying stops (RFC 3464 2.3.9 Will-Retry-Until).
+    retry_until: float | None = None
 
 
 def status_from_reply(code: int | None, text: str | None) -> str:
@@ -146,6 +148,8 @@ def build_dsn(
         if f.diagnostic:
             lines.append(f"Diagnostic-Code: smtp; {_clean(f.diagnostic)}")
         lines.append(f"Last-Attempt-Date: {_date(now)}")
+        if f.retry_until is not None and f.action == "delayed":
+            lines.append(f"Will-Retry-Until: {_date(f.retry_until)}")
     lines += [
         "",
         f"--{boundary}",

@@ -456,6 +456,7 @@ class QueueRunner(Service):
                     f"{r.code} {r.text}" if r.code else r.text,
                     r.remote_mta,
                     action,
+                    entry.created + self.settings.lifetime if action == "delayed" else None,
                 )
             )
         dsn = build_dsn(
