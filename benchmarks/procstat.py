@@ -71,7 +71,7 @@ def _cpu_times() -> tuple[int, int]:
     return total - idle, total
 
 
-def settle(threshold: float = 0.15, window: float = 0.5, timeout: float = 60.0) -> float:
+def settle(threshold: float = 0.15, window: float = 0.5, timeout: float = 10.0) -> float:
     """Wait until the whole machine is quiet; returns the seconds waited.
 
     What one scenario leaves running must not be measured as part of the next: after the
