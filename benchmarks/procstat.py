@@ -92,6 +92,15 @@ def settle(threshold: float = 0.15, window: float = 0.5, timeout: float = 10.0) 
     return time.monotonic() - start
 
 
+def settle_tree(roots: list[int], most: int, timeout: float = 90.0) -> float:
+    """Wait until the process tree of ``roots`` has at most ``most`` processes again (a
+    server reaping the processes of a finished scenario); returns the seconds waited."""
+    start = time.monotonic()
+    while len(tree(roots)) > most and time.monotonic() - start < timeout:
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
 def tree_cpu(roots: list[int]) -> float:
     return cpu_seconds(tree(roots))
 

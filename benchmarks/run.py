@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks import loadgen, report, scenarios, seed, servers
-from benchmarks.procstat import settle
+from benchmarks.procstat import settle, settle_tree, tree
 from benchmarks.scenarios import Figures, Sizes
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -148,14 +148,19 @@ def run(stack: Stack, sizes: Sizes, only: set[str] | None) -> Samples:
     if want("idle"):
         for server in stack.pop3_pair():
             settle()
+            before = len(tree(server.roots))
             print(f"  idle x{sizes.idle:<17} {server.name:9}", end=" ", flush=True)
             try:
                 figures = scenarios.idle_connections(server, sizes.idle)
             except Exception as e:
                 print(f"FAILED: {type(e).__name__}: {e}", flush=True)
-                continue
-            _add(samples, "idle", server.name, figures)
-            print(f"held={figures['held']:.0f} kb/conn={figures['kb_per_conn']:.1f}", flush=True)
+            else:
+                _add(samples, "idle", server.name, figures)
+                print(f"held={figures['held']:.0f} kb/conn={figures['kb_per_conn']:.1f}")
+            # Dovecot keeps a process per held session until it reaps them.
+            waited = settle_tree(server.roots, before + 8)
+            if waited > 2:
+                print(f"  ({server.name} took {waited:.0f} s to reap its idle processes)")
     if want("huge_maildrop"):
         for server in stack.pop3_pair():
             settle()

@@ -225,6 +225,10 @@ service pop3 {{
   # than one fork per session, Dovecot's high-performance mode.
   service_count = 0
   process_min_avail = 4
+  # After the idle scenario 10,000 pop3 processes sit idle until idle_kill (1 min by
+  # default), and while they did the next round measured ~23 sessions/s. Under load no
+  # process is idle for 5 s, so this changes nothing else.
+  idle_kill = 5 secs
 }}
 service auth {{
   unix_listener auth-client {{
