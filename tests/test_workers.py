@@ -283,7 +283,13 @@ def connection_on_each_process(port: int, pids: list[int]) -> dict[int, poplib.P
     """
     found: dict[int, poplib.POP3] = {}
     for _ in range(500):
-        p = poplib.POP3("127.0.0.1", port, timeout=10)
+        try:
+            p = poplib.POP3("127.0.0.1", port, timeout=10)
+        except poplib.error_proto as e:
+            # A close the server has not yet seen still counts against the client limit.
+            assert b"Too many connections" in e.args[0]
+            time.sleep(0.05)
+            continue
         pid = server_pid(p.sock, pids)
         if pid is not None and pid not in found:
             found[pid] = p
@@ -324,6 +330,9 @@ def test_two_workers_serve_both_protocols_on_each_process(two_workers: Server) -
         for _ in range(100):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                 greeting = s.recv(200)
+                if b"Too many connections" in greeting:  # closes not yet seen still count
+                    time.sleep(0.05)
+                    continue
                 assert greeting.startswith(b"+OK" if port == two_workers.pop3 else b"220")
                 served.add(server_pid(s, pids))
             if served >= set(pids):
