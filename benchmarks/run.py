@@ -133,7 +133,8 @@ def run(stack: Stack, sizes: Sizes, only: set[str] | None) -> Samples:
         for server, roots in pairs:
             waited = settle()
             if waited > 2:
-                print(f"  (waited {waited:.0f} s for the machine to go quiet)")
+                quiet = "went quiet" if waited < 10 else "stayed busy; measuring anyway"
+                print(f"  (waited {waited:.0f} s: the machine {quiet})")
             print(f"  {name:24} {server.name:9}", end=" ", flush=True)
             try:
                 figures = fn(server, roots)
@@ -156,7 +157,9 @@ def run(stack: Stack, sizes: Sizes, only: set[str] | None) -> Samples:
                 print(f"FAILED: {type(e).__name__}: {e}", flush=True)
             else:
                 _add(samples, "idle", server.name, figures)
-                print(f"held={figures['held']:.0f} kb/conn={figures['kb_per_conn']:.1f}")
+                print(
+                    f"held={figures['held']:.0f} kb/conn={figures['kb_per_conn']:.1f}", flush=True
+                )
             # Dovecot keeps a process per held session until it reaps them.
             waited = settle_tree(server.roots, before + 8)
             if waited > 2:

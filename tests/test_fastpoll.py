@@ -105,6 +105,34 @@ def test_failing_handler_is_logged_and_disconnected_loop_goes_on(epoll: Any) -> 
         good.close()
 
 
+def test_exception_from_connection_lost_is_logged_and_the_batch_goes_on(epoll: Any) -> None:
+    """_doReadOrWrite does not guard the connectionLost it calls; the loop must."""
+    errors: list[dict[str, Any]] = []
+    log.addObserver(errors.append)
+
+    class BadLoss(PipeReader):
+        def connectionLost(self, reason: failure.Failure) -> None:
+            super().connectionLost(reason)
+            raise RuntimeError("broken connectionLost")
+
+    bad = BadLoss(epoll, on_read=lambda: 1 / 0)
+    good = PipeReader(epoll)
+    try:
+        epoll.addReader(bad)
+        epoll.addReader(good)
+        os.write(bad.write_end, b"x")
+        os.write(good.write_end, b"y")
+        epoll.doIteration(0)  # must not raise
+        assert good.reads == [b"y"]
+        assert len(bad.lost) == 1
+        logged = [e for e in errors if e.get("isError")]
+        assert any("broken connectionLost" in str(e.get("failure", "")) for e in logged)
+    finally:
+        log.removeObserver(errors.append)
+        bad.close()
+        good.close()
+
+
 def test_descriptor_removed_earlier_in_the_batch_is_skipped(epoll: Any) -> None:
     """Both are ready in one batch; whichever runs first removes the other."""
     pipes: list[PipeReader] = []

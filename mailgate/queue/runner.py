@@ -292,6 +292,8 @@ class QueueRunner(Service):
                         "queue {queue_id}: could not create the delay DSN", queue_id=queue_id
                     )
                 else:
+                    # Recorded with the envelope write below; a crash in between sends
+                    # the notice again after restart (as with bounces and `notified`).
                     entry.delay_warned = True
             yield spool.call(
                 spool.directory.write_envelope, spool.directory.entry_dir("active", queue_id), entry
@@ -456,6 +458,8 @@ class QueueRunner(Service):
                     f"{r.code} {r.text}" if r.code else r.text,
                     r.remote_mta,
                     action,
+                    # Retrying goes on until the first attempt after this time (as Postfix's
+                    # maximal_queue_lifetime), so this is when the last retry is due.
                     entry.created + self.settings.lifetime if action == "delayed" else None,
                 )
             )
