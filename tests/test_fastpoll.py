@@ -85,30 +85,34 @@ def test_ready_descriptor_is_dispatched_without_the_logging_context(
         pipe.close()
 
 
-def test_failing_handler_is_logged_and_disconnected_loop_goes_on(epoll: Any) -> None:
+def one_batch(epoll: Any, bad: PipeReader) -> tuple[PipeReader, list[dict[str, Any]]]:
+    """Make ``bad`` and a well-behaved reader ready together, run one iteration; the good
+    reader and every error event logged meanwhile."""
     errors: list[dict[str, Any]] = []
     log.addObserver(errors.append)
-    bad = PipeReader(epoll, on_read=lambda: 1 / 0)
     good = PipeReader(epoll)
     try:
-        epoll.addReader(bad)
-        epoll.addReader(good)
-        os.write(bad.write_end, b"x")
-        os.write(good.write_end, b"y")
-        epoll.doIteration(0)
-        assert len(bad.lost) == 1 and bad.lost[0].check(ZeroDivisionError)  # type: ignore[no-untyped-call]
-        assert good.reads == [b"y"] and good.lost == []
-        assert any(e.get("isError") for e in errors)
+        for p in (bad, good):
+            epoll.addReader(p)
+            os.write(p.write_end, b"!")
+        epoll.doIteration(0)  # must not raise
     finally:
         log.removeObserver(errors.append)
         bad.close()
         good.close()
+    return good, [e for e in errors if e.get("isError")]
+
+
+def test_failing_handler_is_logged_and_disconnected_loop_goes_on(epoll: Any) -> None:
+    bad = PipeReader(epoll, on_read=lambda: 1 / 0)
+    good, errors = one_batch(epoll, bad)
+    assert len(bad.lost) == 1 and bad.lost[0].check(ZeroDivisionError)  # type: ignore[no-untyped-call]
+    assert good.reads == [b"!"] and good.lost == []
+    assert errors
 
 
 def test_exception_from_connection_lost_is_logged_and_the_batch_goes_on(epoll: Any) -> None:
     """_doReadOrWrite does not guard the connectionLost it calls; the loop must."""
-    errors: list[dict[str, Any]] = []
-    log.addObserver(errors.append)
 
     class BadLoss(PipeReader):
         def connectionLost(self, reason: failure.Failure) -> None:
@@ -116,21 +120,10 @@ def test_exception_from_connection_lost_is_logged_and_the_batch_goes_on(epoll: A
             raise RuntimeError("broken connectionLost")
 
     bad = BadLoss(epoll, on_read=lambda: 1 / 0)
-    good = PipeReader(epoll)
-    try:
-        epoll.addReader(bad)
-        epoll.addReader(good)
-        os.write(bad.write_end, b"x")
-        os.write(good.write_end, b"y")
-        epoll.doIteration(0)  # must not raise
-        assert good.reads == [b"y"]
-        assert len(bad.lost) == 1
-        logged = [e for e in errors if e.get("isError")]
-        assert any("broken connectionLost" in str(e.get("failure", "")) for e in logged)
-    finally:
-        log.removeObserver(errors.append)
-        bad.close()
-        good.close()
+    good, errors = one_batch(epoll, bad)
+    assert good.reads == [b"!"]
+    assert len(bad.lost) == 1
+    assert any("broken connectionLost" in str(e.get("failure", "")) for e in errors)
 
 
 def test_descriptor_removed_earlier_in_the_batch_is_skipped(epoll: Any) -> None:
