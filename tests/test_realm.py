@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,13 +43,23 @@ def test_remote_recipients_need_a_queue() -> None:
     realm(MemoryQueue())[0].submission_for(ALICE).check_recipient(REMOTE)
 
 
+def send(
+    r: MailRealm, data: bytes | None, rcpts: tuple[Address, ...] = (BOB, REMOTE)
+) -> tuple[Any, list[str], list[object]]:
+    """Submit as alice; the sink, its results and its failures (one of them gets filled)."""
+    sink = r.submission_for(ALICE).open_message(Envelope(ALICE, rcpts))
+    if data is not None:
+        sink.write(data)
+    results: list[str] = []
+    failures: list[object] = []
+    sink.finish().addCallbacks(results.append, failures.append)
+    return sink, results, failures
+
+
 def test_mixed_recipients_go_to_mailbox_and_spool() -> None:
     queue = MemoryQueue()
     r, store = realm(queue)
-    sink = r.submission_for(ALICE).open_message(Envelope(ALICE, (BOB, REMOTE, BOB)))
-    sink.write(b"Subject: x\n\nhi\n")
-    results: list[str] = []
-    sink.finish().addCallback(results.append)
+    sink, results, _ = send(r, b"Subject: x\n\nhi\n", (BOB, REMOTE, BOB))
     assert results == [sink.queue_id]
     assert [m.data for m in store.mailboxes[BOB]] == [b"Subject: x\n\nhi\n"]
     assert queue.queued == [(Envelope(ALICE, (REMOTE,)), b"Subject: x\n\nhi\n")]
@@ -58,10 +69,7 @@ def test_local_failure_aborts_the_spool_copy() -> None:
     queue = MemoryQueue()
     r, store = realm(queue)
     store.fail_deliveries = True
-    sink = r.submission_for(ALICE).open_message(Envelope(ALICE, (BOB, REMOTE)))
-    sink.write(b"x\n")
-    failures: list[object] = []
-    sink.finish().addErrback(failures.append)
+    _, _, failures = send(r, b"x\n")
     assert failures
     assert queue.queued == []
 
@@ -70,9 +78,7 @@ def test_spool_failure_is_reported() -> None:
     queue = MemoryQueue()
     queue.fail = True
     r, _ = realm(queue)
-    sink = r.submission_for(ALICE).open_message(Envelope(ALICE, (BOB, REMOTE)))
-    failures: list[object] = []
-    sink.finish().addErrback(failures.append)
+    _, _, failures = send(r, None)
     assert failures
 
 
@@ -92,10 +98,7 @@ def leftovers(spool: Spool) -> list[str]:
 
 def test_split_message_with_a_real_spool_lands_in_both(tmp_path: Path) -> None:
     r, store, spool = spool_realm(tmp_path)
-    sink = r.submission_for(ALICE).open_message(Envelope(ALICE, (BOB, REMOTE)))
-    sink.write(b"hi\n")
-    results: list[str] = []
-    sink.finish().addCallback(results.append)
+    sink, results, _ = send(r, b"hi\n")
     assert results == [sink.queue_id]
     assert [m.data for m in store.mailboxes[BOB]] == [b"hi\n"]
     assert spool.directory.ids("incoming") == [sink.queue_id]
@@ -110,10 +113,7 @@ def test_spool_write_failure_delivers_no_local_copy(tmp_path: Path) -> None:
         raise OSError(28, "No space left on device")
 
     spool.directory._fsync = full_disk
-    sink = r.submission_for(ALICE).open_message(Envelope(ALICE, (BOB, REMOTE)))
-    sink.write(b"hi\n")
-    failures: list[object] = []
-    sink.finish().addErrback(failures.append)
+    _, _, failures = send(r, b"hi\n")
     assert failures
     assert store.mailboxes.get(BOB, []) == []
     assert spool.directory.ids("incoming") == []
@@ -123,10 +123,7 @@ def test_spool_write_failure_delivers_no_local_copy(tmp_path: Path) -> None:
 def test_local_failure_discards_the_prepared_spool_copy(tmp_path: Path) -> None:
     r, store, spool = spool_realm(tmp_path)
     store.fail_deliveries = True
-    sink = r.submission_for(ALICE).open_message(Envelope(ALICE, (BOB, REMOTE)))
-    sink.write(b"hi\n")
-    failures: list[object] = []
-    sink.finish().addErrback(failures.append)
+    _, _, failures = send(r, b"hi\n")
     assert failures
     assert spool.directory.ids("incoming") == []
     assert leftovers(spool) == []
