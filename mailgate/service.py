@@ -27,7 +27,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -48,6 +48,7 @@ from mailgate.interfaces import ThreadRunner
 from mailgate.lab.faults import FaultFactory, FaultPolicy
 from mailgate.lab.transcript import TranscriptFactory, TranscriptStore
 from mailgate.limits import POP3_REFUSAL, LimitSettings, guard, smtp_line_timeout, smtp_refusal
+from mailgate.logsink import MasterLog
 from mailgate.model import Address, Envelope
 from mailgate.pop3.server import Pop3Factory, Pop3Profile, Pop3Settings
 from mailgate.queue.runner import QueueRunner, QueueSettings
@@ -290,6 +291,16 @@ class MailgateService(MultiService):
         self.on_queued: Callable[[str], None] = lambda _: None
         self._reactor: Any = None
         self._old_hup: Any = None
+        #: The log this process writes (twistd's destination, our observer); None: twistd's.
+        self.master_log: MasterLog | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        """twistd attaches us to its application before it starts logging; an observer
+        registered on the application then takes the place of twistd's own."""
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]
+        set_component = getattr(parent, "setComponent", None)
+        if self.master_log is not None and set_component is not None:
+            set_component(ILogObserver, self.master_log.observer())
 
     def ports(self) -> Deferred[list[IListeningPort]]:
         from twisted.internet.defer import gatherResults
@@ -316,6 +327,8 @@ class MailgateService(MultiService):
             self._reactor.callFromThread(self.reload)
 
     def startService(self) -> None:
+        if self.master_log is not None:
+            self.master_log.start(self._reactor)
         if self.install_signals and hasattr(signal, "SIGHUP"):
             self._old_hup = signal.signal(signal.SIGHUP, self._sighup)
         super().startService()  # type: ignore[no-untyped-call]
@@ -550,6 +563,7 @@ def build_service(
     *,
     worker_args: Sequence[str] | None = None,
     inherited_fds: Sequence[int] | None = None,
+    master_log: MasterLog | None = None,
 ) -> MailgateService:
     """Wire the whole gateway for ``config``; nothing listens until the service starts.
 
@@ -557,6 +571,8 @@ def build_service(
     ``config.workers`` processes: it binds the TCP listeners now and spawns the others with
     the same arguments. ``inherited_fds`` makes it such a child: it adopts those sockets (in
     the order of the TCP listeners), runs no queue runner and creates no demo account.
+    ``master_log`` (twistd's log destination, see :mod:`mailgate.logsink`) becomes the
+    process's log observer and tells the workers where to write their own lines.
     """
     is_child = inherited_fds is not None
     fastpoll.install(reactor)
@@ -671,8 +687,10 @@ def build_service(
             config.shutdown_grace,
             on_queued=spool.notify,
             ready=runner.when_recovered,
+            log_env=master_log.worker_env if master_log is not None else None,
         )
         pool.setServiceParent(service)  # type: ignore[no-untyped-call]
         service.pool = pool
     service._reactor = reactor
+    service.master_log = master_log
     return service

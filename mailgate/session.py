@@ -76,4 +76,4 @@ def log_line(logger: Logger, text: str, level: LogLevel = LogLevel.info, **field
     """Emit a line already formatted by the caller; ``fields`` stay for structured
     observers. Twisted's per-field formatting was half the cost of a log line (~50 us of
     ~100), and the busiest lines come once per message or session."""
-    logger.emit(level, text.replace("{", "{{").replace("}", "}}"), **fields)
+    logger.emit(level, text.replace("{", "{{").replace("}", "}}"), mailgate_text=text, **fields)

@@ -11,6 +11,7 @@ from twisted.python import usage
 
 from mailgate.config import Config, Listener, load_config, with_overrides
 from mailgate.errors import ConfigError, MailgateError
+from mailgate.logsink import MasterLog
 
 LISTENER_OPTIONS = {
     "pop3": ("pop3", "starttls"),
@@ -105,6 +106,15 @@ def config_from_options(options: Options) -> Config:
     )
 
 
+def _twistd_log(options: Options) -> MasterLog | None:
+    """Our own writer of twistd's log destination (file or stdout), shared with the
+    workers; None when not run by twistd or when it logs elsewhere (syslog, --logger)."""
+    twistd = getattr(options, "parent", None)
+    if twistd is None or not hasattr(twistd, "get"):
+        return None
+    return MasterLog.from_twistd(twistd)
+
+
 def makeService(options: Options) -> IService:
     """Build the gateway service from parsed options (imports the reactor lazily)."""
     from twisted.internet import reactor
@@ -114,7 +124,9 @@ def makeService(options: Options) -> IService:
     raise_open_file_limit()
     try:
         config = config_from_options(options)
-        service: Any = build_service(config, reactor, worker_args=options.argv)
+        service: Any = build_service(
+            config, reactor, worker_args=options.argv, master_log=_twistd_log(options)
+        )
     except (ConfigError, MailgateError) as e:
         sys.stderr.write(f"mailgate: error: {e}\n")
         raise SystemExit(2) from None

@@ -10,8 +10,10 @@ connections over every process accepting on the shared socket.
 
 Children die with the master: ``PR_SET_PDEATHSIG`` (SIGKILL) on Linux, and an EOF on the
 stdin pipe everywhere. A child writes ``QUEUED <id>`` on its stdout when it has spooled an
-outbound message so the master's runner tries it at once; its log goes to stderr and the
-master relays it into its own log.
+outbound message so the master's runner tries it at once. When the master logs to a file
+or to its stdout, a child writes its own lines there (``[worker PID] ...``, see
+:mod:`mailgate.logsink`); otherwise (syslog, ``--logger``) its log goes to stderr and the
+master relays it into its own log. Anything else a child prints on stderr is relayed too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailgate.logsink import CHECK_INTERVAL, LOG_ENV, worker_observer
 from mailgate.session import log_line
 
 log = Logger()
@@ -161,6 +164,7 @@ class WorkerPool(Service):
         grace: float,
         on_queued: Callable[[str], None] = lambda _: None,
         ready: Callable[[], Deferred[None]] | None = None,
+        log_env: str | None = None,
     ) -> None:
         self.reactor = reactor
         self.command = list(command)
@@ -169,6 +173,8 @@ class WorkerPool(Service):
         self.grace = grace
         self.on_queued = on_queued
         self.ready = ready
+        #: Where children write their own log lines (see mailgate.logsink); None: relay.
+        self.log_env = log_env
         self.children: dict[int, tuple[_ChildProtocol, IProcessTransport]] = {}
         self._respawns: dict[int, IDelayedCall] = {}
         self._stopping = False
@@ -196,6 +202,11 @@ class WorkerPool(Service):
             child_fds[FIRST_FD + i] = fd
         env = dict(os.environ)
         env["MAILGATE_MASTER_PID"] = str(os.getpid())
+        env.pop(LOG_ENV, None)
+        if self.log_env is not None:
+            env[LOG_ENV] = self.log_env
+            if self.log_env == "stderr":
+                child_fds[2] = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
         transport = self.reactor.spawnProcess(
             proto,
             self.command[0],
@@ -259,6 +270,7 @@ def worker_main(argv: Sequence[str]) -> int:
     from twisted.internet import reactor as _reactor
     from twisted.internet import stdio
     from twisted.internet.protocol import Protocol
+    from twisted.internet.task import LoopingCall
     from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
 
     from mailgate.errors import ConfigError, MailgateError
@@ -270,14 +282,22 @@ def worker_main(argv: Sequence[str]) -> int:
     if master:
         die_with_parent(master)
     count = int(argv[0])
-    # No timestamp: the master's log adds its own when it relays the line.
-    globalLogBeginner.beginLoggingTo(
-        [
-            FileLogObserver(
-                sys.stderr, lambda e: f"[{e.get('log_namespace', '-')}] {formatEvent(e)}\n"
-            )
-        ]
-    )
+    direct = worker_observer(os.environ.get(LOG_ENV, ""), os.getpid())
+    if direct is not None:
+        observer, follow_rotation = direct
+        globalLogBeginner.beginLoggingTo([observer])
+        rotation = LoopingCall(follow_rotation)
+        rotation.clock = reactor
+        reactor.callWhenRunning(rotation.start, CHECK_INTERVAL, False)
+    else:
+        # No timestamp: the master's log adds its own when it relays the line.
+        globalLogBeginner.beginLoggingTo(
+            [
+                FileLogObserver(
+                    sys.stderr, lambda e: f"[{e.get('log_namespace', '-')}] {formatEvent(e)}\n"
+                )
+            ]
+        )
     raise_open_file_limit()
     options = Options()
     try:

@@ -80,6 +80,22 @@ def test_pool_spawns_children_with_the_sockets_as_fd_3_and_up() -> None:
     assert env["MAILGATE_MASTER_PID"] == str(os.getpid())
 
 
+def test_pool_tells_children_where_to_write_their_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILGATE_LOG", "file:/elsewhere.log")  # never inherited as is
+    pool, clock = make_pool()
+    pool.startService()
+    _, _, fds, env = clock.spawned[0]
+    assert "MAILGATE_LOG" not in env and fds[2] == "r"  # relay through the master
+    pool, clock = make_pool(log_env="file:/var/log/mailgate.log")
+    pool.startService()
+    _, _, fds, env = clock.spawned[0]
+    assert env["MAILGATE_LOG"] == "file:/var/log/mailgate.log" and fds[2] == "r"
+    pool, clock = make_pool(log_env="stderr")
+    pool.startService()
+    _, _, fds, env = clock.spawned[0]
+    assert env["MAILGATE_LOG"] == "stderr" and fds[2] == 1  # the master's stdout
+
+
 def test_pool_waits_for_spool_recovery_before_spawning() -> None:
     from twisted.internet.defer import Deferred
 
