@@ -77,7 +77,12 @@ class LineObserver:
 
     def __call__(self, event: LogEvent) -> None:
         text = event.get(TEXT_KEY)
-        if text is not None and "log_failure" not in event and "\n" not in text:
+        if (
+            text is not None
+            and "\n" not in text
+            and "log_failure" not in event
+            and "log_system" not in event
+        ):
             level = event.get("log_level")
             line = (
                 f"{self._stamp(event.get('log_time'))} "
@@ -203,7 +208,10 @@ class MasterLog:
                 return None  # twistd refuses a daemon logging to stdout: let it say so
             stdout = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
             return cls(LineObserver(write_fd(stdout)), "stderr", None)
-        shared = SharedLogFile.at(name or "twistd.log")
+        try:
+            shared = SharedLogFile.at(name or "twistd.log")
+        except OSError:
+            return None  # twistd tries the same file itself and reports the error its way
         return cls(LineObserver(shared.write), f"file:{shared.path}", shared)
 
     def observer(self) -> LineObserver:

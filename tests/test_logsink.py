@@ -83,7 +83,9 @@ def test_the_same_bytes_as_twisted_for_a_plain_event() -> None:
     }
     observer(dict(event))
     observer(dict(event, mailgate_text="hello world"))
-    assert lines == [twistd_line(**event)] * 2
+    system = dict(event, log_system="pop3,3,127.0.0.1")
+    observer(dict(system, mailgate_text="hello world"))
+    assert lines == [twistd_line(**event)] * 2 + [twistd_line(**system)]
 
 
 def test_an_event_without_text_writes_nothing_and_a_failing_write_is_swallowed() -> None:
@@ -162,6 +164,8 @@ def test_master_log_follows_twistds_options(tmp_path: Path) -> None:
     assert named is not None and named.worker_env == f"file:{tmp_path / 'm.log'}"
     assert named.file is not None
     named.file.close()
+    unwritable = tmp_path / "no-such-dir" / "m.log"
+    assert MasterLog.from_twistd({"logfile": str(unwritable)}) is None
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
