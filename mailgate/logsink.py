@@ -4,13 +4,15 @@ Relaying a worker's lines through the master cost each line a pipe write, a wake
 the master and Twisted's formatting a second time: ~60 us a line, a tenth of a POP3
 session's CPU (two lines a session). Instead every process formats its own lines the
 way twistd does (``TIME [namespace#level] text``) and writes each line with one
-``write()`` to the same destination:
+``write()`` to the same destination (~25 us a line, all told):
 
 - a log file opened ``O_APPEND`` by every process, so whole lines from several
-  processes never overwrite each other. The master rotates it (by its real size, as
-  twistd's ``LogFile`` does by the size it wrote itself, and on SIGUSR1); a worker sees
-  the new file at its next check (every second) and reopens it by name;
-- or the master's standard output, which a worker inherits as its standard error.
+  processes never overwrite each other. The master rotates it (by its real size, checked
+  every second, and on SIGUSR1) and sends its workers SIGUSR1, and each reopens it by name
+  (a worker also checks once a second, for a rotation made by someone else);
+- or the master's standard output, which a worker inherits as its standard error (a
+  line longer than ``PIPE_BUF``, 4 KB, such as a traceback, may then interleave with
+  another process's line on a pipe).
 
 Syslog or a custom ``--logger`` keep the relay (see :mod:`mailgate.workers`).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from types import FrameType
@@ -30,7 +33,7 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     formatTime,
 )
-from twisted.python import logfile
+from twisted.python import logfile, threadable
 from zope.interface import implementer
 
 #: Environment variable telling a worker where its log lines go: ``stderr`` (its fd 2 is
@@ -61,6 +64,13 @@ class TimeStamps:
         return self._text
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte (a short write would glue the next line onto half of this one)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 @implementer(ILogObserver)
 class LineObserver:
     """Writes each event as one twistd-style line through ``write`` (one call a line).
@@ -77,12 +87,7 @@ class LineObserver:
 
     def __call__(self, event: LogEvent) -> None:
         text = event.get(TEXT_KEY)
-        if (
-            text is not None
-            and "\n" not in text
-            and "log_failure" not in event
-            and "log_system" not in event
-        ):
+        if text and "\n" not in text and "log_failure" not in event and "log_system" not in event:
             level = event.get("log_level")
             line = (
                 f"{self._stamp(event.get('log_time'))} "
@@ -98,15 +103,15 @@ class LineObserver:
             line = formatted
         try:
             self._write(line.encode("utf-8", "replace"))
-        except OSError:
-            pass  # a full disk or a closed stream must not take the server down
+        except (OSError, ValueError):
+            pass  # a full disk or a closed file must not take the server down
 
 
 def _tagged(event: Mapping[str, Any], tag: str) -> LogEvent:
     """The event with ``tag`` in front of its text (for the slow, formatted path)."""
     copy = dict(event)
     fmt = copy.get("log_format")
-    if fmt is not None:
+    if isinstance(fmt, str):
         copy["log_format"] = tag.replace("{", "{{").replace("}", "}}") + fmt
     return copy
 
@@ -115,8 +120,13 @@ class SharedLogFile(logfile.LogFile):
     """twistd's size-rotated log file, opened ``O_APPEND`` so workers can append too.
 
     ``size`` is refreshed from the file by :meth:`check`, so the workers' lines count
-    towards rotation as well as the master's own.
+    towards rotation as well as the master's own; the file may outgrow the rotation size
+    by what is written in the second before a check. ``on_rotate`` runs after a rotation
+    (the master tells its workers to reopen at once).
     """
+
+    synchronized = ["write", "check", "rotate_now"]
+    on_rotate: Callable[[], object] = staticmethod(lambda: None)
 
     @classmethod
     def at(cls, path: str, rotate_length: int = 1_000_000) -> SharedLogFile:
@@ -125,42 +135,64 @@ class SharedLogFile(logfile.LogFile):
         return cls(os.path.basename(full), os.path.dirname(full), rotateLength=rotate_length)
 
     def write(self, data: bytes) -> None:
-        super().write(data)  # type: ignore[no-untyped-call]
+        """Append a line. Rotation is left to :meth:`check` (once a second), so a rename
+        that keeps failing costs no line and no directory listing per line."""
+        write_all(self._file.fileno(), data)
+        self.size += len(data)
 
     def close(self) -> None:
         super().close()  # type: ignore[no-untyped-call]
 
+    def rotate_now(self) -> None:
+        """Rotate (twistd's way: FILE -> FILE.1 -> FILE.2 ...), then say so."""
+        try:
+            self.rotate()  # type: ignore[no-untyped-call]
+        finally:
+            if self._file.closed:  # the rename failed after the close: keep logging
+                self._openFile()
+        self.on_rotate()
+
     def _openFile(self) -> None:
         self.closed = False
-        self._file = open(self.path, "ab", 0)  # noqa: SIM115 - closed by LogFile.close
+        # Created with twistd's permissions (the umask's, or defaultMode), never wider.
+        mode = 0o666 if self.defaultMode is None else self.defaultMode
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        self._file = os.fdopen(os.open(self.path, flags, mode), "ab", 0)
         if self.defaultMode is not None:
             os.chmod(self.path, self.defaultMode)
         self.size = os.fstat(self._file.fileno()).st_size
 
     def check(self) -> None:
-        """Rotate when the file (every process's lines) has reached the rotation size."""
+        """Rotate when the file (every process's lines) has reached the rotation size.
+        A failed rotation is tried again at the next check."""
         if self.closed:
             return
         try:
             self.size = os.fstat(self._file.fileno()).st_size
-        except OSError:
+            if self.shouldRotate():  # type: ignore[no-untyped-call]
+                self.rotate_now()
+        except (OSError, ValueError):
             return
-        if self.shouldRotate():  # type: ignore[no-untyped-call]
-            self.rotate()  # type: ignore[no-untyped-call]
+
+
+threadable.synchronize(SharedLogFile)  # type: ignore[no-untyped-call]
 
 
 class ReopeningWriter:
-    """A worker's end of the shared log file: appends lines, follows a rotation by name."""
+    """A worker's end of the shared log file: appends lines, follows a rotation by name.
+
+    It never creates the file (the master does): while the name is missing, or cannot be
+    opened, it keeps writing to the file it has."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = self._open()
 
     def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     def write(self, data: bytes) -> None:
-        os.write(self._fd, data)
+        write_all(self._fd, data)
 
     def check(self) -> None:
         """Reopen when the name now points at another file (the master rotated it)."""
@@ -177,9 +209,17 @@ class ReopeningWriter:
         os.close(self._fd)
 
 
-def write_fd(fd: int) -> Callable[[bytes], object]:
-    """A writer of whole lines to ``fd`` (one ``write()`` each, so lines never mix)."""
-    return lambda data: os.write(fd, data)
+def _regular_file(path: str) -> bool:
+    """Whether every process opening ``path`` gets the same file: not ``/dev/stdout``,
+    ``/proc/self/fd/N`` and the like, which each process resolves in its own fd table."""
+    if path.startswith(("/dev/", "/proc/")):
+        return False
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True  # created as a regular file
+    except OSError:
+        return False
 
 
 class MasterLog:
@@ -195,6 +235,8 @@ class MasterLog:
         self._observer = observer
         self.worker_env = worker_env
         self.file = file
+        self._checker: Any = None
+        self._old_usr1: Any = None
 
     @classmethod
     def from_twistd(cls, twistd_options: Mapping[str, Any]) -> MasterLog | None:
@@ -206,10 +248,12 @@ class MasterLog:
         if name == "-" or (nodaemon and not name):
             if not nodaemon:
                 return None  # twistd refuses a daemon logging to stdout: let it say so
-            stdout = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
-            return cls(LineObserver(write_fd(stdout)), "stderr", None)
+            return cls(LineObserver(_stdout_writer()), "stderr", None)
+        path = os.path.abspath(name or "twistd.log")
+        if not _regular_file(path):
+            return None
         try:
-            shared = SharedLogFile.at(name or "twistd.log")
+            shared = SharedLogFile.at(path)
         except OSError:
             return None  # twistd tries the same file itself and reports the error its way
         return cls(LineObserver(shared.write), f"file:{shared.path}", shared)
@@ -217,31 +261,62 @@ class MasterLog:
     def observer(self) -> LineObserver:
         return self._observer
 
-    def start(self, reactor: Any) -> None:
-        """Rotation for a log file: by size, checked every second, and on SIGUSR1."""
+    def start(self, reactor: Any, rotated: Callable[[], object], signals: bool) -> None:
+        """Rotation of a log file: by size, checked every second, and (``signals``) on
+        SIGUSR1 as twistd does; ``rotated`` runs after each one. Logging to stdout,
+        SIGUSR1 is ignored rather than fatal."""
         shared = self.file
-        if shared is None:
-            return
-        from twisted.internet.task import LoopingCall
+        if shared is not None:
+            from twisted.internet.task import LoopingCall
 
-        checker = LoopingCall(shared.check)
-        checker.clock = reactor
-        checker.start(CHECK_INTERVAL, now=False)
-        if hasattr(signal, "SIGUSR1") and not signal.getsignal(signal.SIGUSR1):
+            shared.on_rotate = rotated
+            self._checker = LoopingCall(shared.check)
+            self._checker.clock = reactor
+            self._checker.start(CHECK_INTERVAL, now=False)
+        if signals and hasattr(signal, "SIGUSR1") and not signal.getsignal(signal.SIGUSR1):
 
-            def rotate(signum: int, frame: FrameType | None) -> None:
-                reactor.callFromThread(shared.rotate)
+            def on_usr1(signum: int, frame: FrameType | None) -> None:
+                if shared is not None:
+                    reactor.callFromThread(shared.rotate_now)
 
-            signal.signal(signal.SIGUSR1, rotate)
+            self._old_usr1 = signal.signal(signal.SIGUSR1, on_usr1)
+
+    def stop(self) -> None:
+        if self._checker is not None and self._checker.running:
+            self._checker.stop()
+        self._checker = None
+        if self._old_usr1 is not None:
+            signal.signal(signal.SIGUSR1, self._old_usr1)
+            self._old_usr1 = None
 
 
-def worker_observer(setting: str, pid: int) -> tuple[LineObserver, Callable[[], None]] | None:
-    """The observer a worker logs through when ``MAILGATE_LOG`` is set, and its periodic
-    check (a rotation to follow); None keeps the relay through the master."""
+def _stdout_writer() -> Callable[[bytes], object]:
+    """Whole lines straight to the real stdout (the fd a worker gets as its stderr), after
+    anything Python still buffers there (the demo account's banner, say)."""
+    stream = sys.__stdout__
+    fd = stream.fileno() if stream is not None else 1
+
+    def write(data: bytes) -> None:
+        if stream is not None:
+            stream.flush()
+        write_all(fd, data)
+
+    return write
+
+
+def worker_observer(
+    setting: str, pid: int
+) -> tuple[LineObserver, Callable[[], None] | None] | None:
+    """The observer a worker logs through when ``MAILGATE_LOG`` is set, and how it follows
+    a rotation (None: nothing to follow); None keeps the relay through the master (also
+    when the file cannot be opened here, e.g. after twistd dropped privileges)."""
     tag = f"[worker {pid}] "
     if setting == "stderr":
-        return LineObserver(write_fd(2), tag), lambda: None
+        return LineObserver(lambda data: write_all(2, data), tag), None
     if setting.startswith("file:"):
-        writer = ReopeningWriter(setting[len("file:") :])
+        try:
+            writer = ReopeningWriter(setting[len("file:") :])
+        except OSError:
+            return None
         return LineObserver(writer.write, tag), writer.check
     return None

@@ -326,9 +326,14 @@ class MailgateService(MultiService):
         if self._reactor is not None:
             self._reactor.callFromThread(self.reload)
 
+    def _log_rotated(self) -> None:
+        """Workers reopen the log file at once (they would within a second anyway)."""
+        if self.pool is not None:
+            self.pool.signal_all("USR1")
+
     def startService(self) -> None:
         if self.master_log is not None:
-            self.master_log.start(self._reactor)
+            self.master_log.start(self._reactor, self._log_rotated, self.install_signals)
         if self.install_signals and hasattr(signal, "SIGHUP"):
             self._old_hup = signal.signal(signal.SIGHUP, self._sighup)
         super().startService()  # type: ignore[no-untyped-call]
@@ -345,7 +350,20 @@ class MailgateService(MultiService):
             sock.close()  # the kernel stops queueing connections once every process let go
         self.sockets = []
         d = super().stopService()  # type: ignore[no-untyped-call]
-        return d if isinstance(d, Deferred) else succeed(None)
+        stopped = d if isinstance(d, Deferred) else succeed(None)
+        if self.master_log is not None:
+            stopped.addBoth(_also(self.master_log.stop))
+        return stopped
+
+
+def _also(action: Callable[[], object]) -> Callable[[object], object]:
+    """A callback that runs ``action`` and passes the result (or failure) on."""
+
+    def run(result: object) -> object:
+        action()
+        return result
+
+    return run
 
 
 def bootstrap_demo(config: Config, users: UserFile, out: Callable[[str], object]) -> None:

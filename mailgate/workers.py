@@ -13,7 +13,8 @@ stdin pipe everywhere. A child writes ``QUEUED <id>`` on its stdout when it has 
 outbound message so the master's runner tries it at once. When the master logs to a file
 or to its stdout, a child writes its own lines there (``[worker PID] ...``, see
 :mod:`mailgate.logsink`); otherwise (syslog, ``--logger``) its log goes to stderr and the
-master relays it into its own log. Anything else a child prints on stderr is relayed too.
+master relays it into its own log. Writing to a file, a child's stderr stays the relay
+pipe for anything else it prints (a crash's traceback, say).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 from twisted.application.service import Service
@@ -283,12 +285,14 @@ def worker_main(argv: Sequence[str]) -> int:
         die_with_parent(master)
     count = int(argv[0])
     direct = worker_observer(os.environ.get(LOG_ENV, ""), os.getpid())
+    follow_rotation: Callable[[], None] | None = None
     if direct is not None:
         observer, follow_rotation = direct
         globalLogBeginner.beginLoggingTo([observer])
-        rotation = LoopingCall(follow_rotation)
-        rotation.clock = reactor
-        reactor.callWhenRunning(rotation.start, CHECK_INTERVAL, False)
+        if follow_rotation is not None:
+            rotation = LoopingCall(follow_rotation)
+            rotation.clock = reactor
+            reactor.callWhenRunning(rotation.start, CHECK_INTERVAL, False)
     else:
         # No timestamp: the master's log adds its own when it relays the line.
         globalLogBeginner.beginLoggingTo(
@@ -325,6 +329,13 @@ def worker_main(argv: Sequence[str]) -> int:
 
     service.on_queued = queued
     service.install_signals = True
+
+    def on_usr1(signum: int, frame: FrameType | None) -> None:
+        """The master rotated the log (a cgroup-wide kill may send it too: never fatal)."""
+        if follow_rotation is not None:
+            reactor.callFromThread(follow_rotation)
+
+    signal.signal(signal.SIGUSR1, on_usr1)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from twisted.application.service import Application
 from twisted.logger import (
     ILogObserver,
@@ -30,6 +31,7 @@ from mailgate.logsink import (
 )
 from mailgate.session import log_line
 from tests.e2e.conftest import admin, free_port, twistd_command, wait_for_ports
+from tests.test_workers import children_of
 
 
 def captured(tag: str = "") -> tuple[Logger, list[bytes]]:
@@ -180,15 +182,64 @@ def test_master_log_follows_twistds_options(tmp_path: Path) -> None:
 def test_worker_observer_from_the_environment(tmp_path: Path) -> None:
     assert worker_observer("", 5) is None
     assert worker_observer("syslog", 5) is None
-    assert worker_observer("stderr", 5) is not None
+    stderr = worker_observer("stderr", 5)
+    assert stderr is not None and stderr[1] is None  # nothing to follow on a stream
+    # A file the worker cannot open (the master makes it; privileges dropped): relay.
+    assert worker_observer(f"file:{tmp_path / 'missing.log'}", 5) is None
+    assert not (tmp_path / "missing.log").exists()
+    (tmp_path / "w.log").write_bytes(b"")
     made = worker_observer(f"file:{tmp_path / 'w.log'}", 5)
     assert made is not None
-    observer, check = made
+    observer, follow = made
     observer(
         {"log_format": "hi", "log_time": 1.0, "log_namespace": "n", "log_level": LogLevel.info}
     )
-    check()
+    assert follow is not None
+    follow()
     assert (tmp_path / "w.log").read_bytes().endswith(b" [n#info] [worker 5] hi\n")
+
+
+def test_a_worker_keeps_its_file_while_the_name_is_missing(tmp_path: Path) -> None:
+    path = tmp_path / "w.log"
+    path.write_bytes(b"")
+    writer = ReopeningWriter(str(path))
+    path.rename(tmp_path / "w.log.1")
+    writer.check()  # no new file yet: keeps writing to the old one, never creates it
+    writer.write(b"kept\n")
+    assert not path.exists()
+    assert (tmp_path / "w.log.1").read_bytes() == b"kept\n"
+    writer.close()
+
+
+def test_log_files_that_are_per_process_or_not_files_are_left_to_twistd(tmp_path: Path) -> None:
+    for name in ("/dev/stdout", "/dev/stderr", "/proc/self/fd/1", str(tmp_path)):
+        assert MasterLog.from_twistd({"logfile": name, "nodaemon": True}) is None, name
+
+
+def test_a_failed_rotation_is_tried_again_and_rotations_are_announced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "t.log"
+    shared = SharedLogFile.at(str(path), rotate_length=10)
+    told: list[str] = []
+    shared.on_rotate = lambda: told.append("rotated")
+    shared.write(b"0123456789\n")
+    with monkeypatch.context() as patched:
+
+        def refuse(*args: object) -> None:
+            raise PermissionError(13, "Permission denied")
+
+        patched.setattr(os, "rename", refuse)
+        shared.check()  # must not raise: the LoopingCall would stop for good
+    shared.write(b"kept\n")  # the failed rename closed the file: it was opened again
+    assert path.read_bytes() == b"0123456789\nkept\n"
+    assert told == []
+    shared.check()
+    assert told == ["rotated"]
+    assert (tmp_path / "t.log.1").read_bytes() == b"0123456789\nkept\n"
+    shared.write(b"x\n")
+    assert path.read_bytes() == b"x\n"
+    shared.close()
 
 
 def test_the_service_hands_its_observer_to_twistd_and_rotates_by_size(tmp_path: Path) -> None:
@@ -208,6 +259,7 @@ def test_the_service_hands_its_observer_to_twistd_and_rotates_by_size(tmp_path: 
     assert ILogObserver(application) is master_log.observer()
     clock = Clock()
     service._reactor = clock
+    service.install_signals = True
     before = signal.getsignal(signal.SIGUSR1)
     service.startService()
     try:
@@ -220,11 +272,28 @@ def test_the_service_hands_its_observer_to_twistd_and_rotates_by_size(tmp_path: 
         worker.close()
     finally:
         service.stopService()
+        assert signal.getsignal(signal.SIGUSR1) == before  # stopping puts it back
         signal.signal(signal.SIGUSR1, before)
         master_log.file.close()
 
 
 # -- end to end: twistd, two workers, one log ------------------------------------------------
+
+
+def any_open(master: int, path: Path) -> bool:
+    """Whether a child of ``master`` has ``path`` open."""
+    for pid in children_of(master):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def ended(log: Path) -> str:
@@ -264,7 +333,10 @@ def test_workers_write_the_twistd_log_file_and_follow_sigusr1_rotation(tmp_path:
         while not (tmp_path / "mail.log.1").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert (tmp_path / "mail.log.1").exists()
-        time.sleep(1.5)  # past every worker's rotation check (once a second)
+        # The master tells its workers at once; wait until none writes to mail.log.1.
+        while any_open(proc.pid, tmp_path / "mail.log.1") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any_open(proc.pid, tmp_path / "mail.log.1")
         sessions = 0
         # The kernel picks the process: sessions until a worker has logged one.
         while "[worker " not in ended(log) and sessions < 100:

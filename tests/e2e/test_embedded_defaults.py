@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import poplib
 import re
 import signal
@@ -14,9 +15,11 @@ from tests.e2e.conftest import PROJECT, twistd_command, wait_for_ports
 
 def test_embedded_defaults_demo_account(tmp_path: Path) -> None:
     log = tmp_path / "twistd.log"
+    # Buffered stdout, as under systemd or docker: the banner must not wait for an exit.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            twistd_command(), stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path
+            twistd_command(), stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env
         )
     try:
         wait_for_ports(proc, [1110, 1995, 1587, 1465], log)
