@@ -329,7 +329,7 @@ class MailgateService(MultiService):
     def _log_rotated(self) -> None:
         """Workers reopen the log file at once (they would within a second anyway)."""
         if self.pool is not None:
-            self.pool.signal_all("USR1")
+            self.pool.signal_all(signal.SIGUSR1)  # Twisted has no name for it
 
     def startService(self) -> None:
         if self.master_log is not None:

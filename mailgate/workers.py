@@ -229,7 +229,8 @@ class WorkerPool(Service):
                 RESPAWN_DELAY, self._spawn, proto.slot
             )
 
-    def signal_all(self, signame: str) -> None:
+    def signal_all(self, signame: str | int) -> None:
+        """Signal every child: a name Twisted knows (TERM, KILL, HUP, INT) or a number."""
         for _, transport in list(self.children.values()):
             with contextlib.suppress(ProcessExitedAlready, OSError):
                 transport.signalProcess(signame)

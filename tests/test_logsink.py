@@ -257,6 +257,13 @@ def test_the_service_hands_its_observer_to_twistd_and_rotates_by_size(tmp_path: 
     service.setServiceParent(application)
     # twistd asks the application for an observer before it makes one of its own.
     assert ILogObserver(application) is master_log.observer()
+    signalled: list[object] = []
+
+    class Pool:
+        def signal_all(self, signame: object) -> None:
+            signalled.append(signame)
+
+    service.pool = Pool()  # type: ignore[assignment]
     clock = Clock()
     service._reactor = clock
     service.install_signals = True
@@ -269,6 +276,8 @@ def test_the_service_hands_its_observer_to_twistd_and_rotates_by_size(tmp_path: 
         assert not (tmp_path / "t.log.1").exists()
         clock.advance(1)
         assert (tmp_path / "t.log.1").read_bytes() == b"x" * 120 + b"\n"
+        # The workers are told by number: Twisted's signalProcess knows no "USR1".
+        assert signalled == [signal.SIGUSR1]
         worker.close()
     finally:
         service.stopService()
