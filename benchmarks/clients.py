@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import ssl
 
 TERMINATOR = b"\r\n.\r\n"
@@ -182,3 +183,71 @@ async def smtp_quit(c: Conn) -> None:
     except ProtocolError:
         pass
     await c.close()
+
+
+# -- a bulk reader for one big RETR ------------------------------------------------------
+
+
+class BulkPop3:
+    """A blocking POP3 client for one big transfer: the body is received with
+    ``recv_into`` one preallocated buffer, never copied or searched.
+
+    asyncio's stream reader copies every byte twice (into its buffer, out of it) and holds
+    the GIL meanwhile: at 800 MB/s that client used more CPU per MB than the server it
+    measured, and so did the memory sampler sharing its process. Here the kernel's copy
+    into our buffer is the only one, done with the GIL released.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.buf = bytearray(1 << 20)
+        self.pending = b""
+        self.ok()
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.pending:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ProtocolError("connection closed by server")
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\r\n")
+        return line
+
+    def ok(self) -> bytes:
+        line = self._line()
+        if not line.startswith(b"+OK"):
+            raise ProtocolError(line[:80].decode("latin-1"))
+        return line
+
+    def cmd(self, command: bytes) -> bytes:
+        self.sock.sendall(command + b"\r\n")
+        return self.ok()
+
+    def login(self, user: str, password: str) -> None:
+        self.cmd(b"USER " + user.encode())
+        self.cmd(b"PASS " + password.encode())
+
+    def multi(self, command: bytes) -> int:
+        """A multi-line reply's body length (lock-step: it ends where the server stops)."""
+        self.cmd(command)
+        data, self.pending = self.pending, b""
+        if data[:3] == b".\r\n":
+            self.pending = data[3:]
+            return 0
+        total = len(data)
+        tail = data[-5:]
+        if tail.endswith(TERMINATOR):
+            return total - 3
+        view = memoryview(self.buf)
+        while True:
+            n = self.sock.recv_into(view)
+            if not n:
+                raise ProtocolError("connection closed by server")
+            total += n
+            tail = (tail + bytes(view[max(0, n - 5) : n]))[-5:]
+            if tail.endswith(TERMINATOR):
+                return total - 3
+
+    def quit(self) -> None:
+        self.cmd(b"QUIT")
+        self.sock.close()

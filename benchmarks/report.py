@@ -38,6 +38,8 @@ ROWS: list[tuple[str, str, str, str]] = [
     ),
     ("pop3_session_argon2", "server_cpu_ms_per_op", "  server CPU ms/session", "lower"),
     ("retr_big", "retr_mb_per_s", "RETR one big message: MB/s", "higher"),
+    ("retr_big", "server_cpu_ms_per_mb", "  server CPU ms/MB", "lower"),
+    ("retr_big", "client_cpu_ms_per_mb", "  load generator CPU ms/MB", ""),
     ("retr_big", "mem_growth_mb", "  server memory growth during RETR MB", "lower"),
     ("retr_big", "peak_mem_mb", "  peak server memory MB", "lower"),
     ("huge_maildrop_first", "login_stat_s", "Huge maildrop, first login: login+STAT s", "lower"),
