@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import poplib
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -346,19 +347,89 @@ def test_workers_write_the_twistd_log_file_and_follow_sigusr1_rotation(tmp_path:
         while any_open(proc.pid, tmp_path / "mail.log.1") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any_open(proc.pid, tmp_path / "mail.log.1")
-        sessions = 0
-        # The kernel picks the process: sessions until a worker has logged one.
-        while "[worker " not in ended(log) and sessions < 100:
-            client = poplib.POP3("127.0.0.1", pop3, timeout=10)
-            client.user("alice@example.com")
-            client.pass_("pw")
-            client.quit()
-            sessions += 1
-            while ended(log).count("ended by QUIT") < sessions and time.monotonic() < deadline:
-                time.sleep(0.02)
-        assert "[worker " in ended(log)
+        pop3_session_until_a_worker_logs(pop3, log, deadline)
         assert "ended by QUIT" not in (tmp_path / "mail.log.1").read_text()
     finally:
         proc.terminate()
         proc.wait(timeout=40)
     assert "Traceback" not in log.read_text() + out.read_text()
+
+
+def pop3_session_until_a_worker_logs(pop3: int, log: Path, deadline: float) -> None:
+    """POP3 sessions until a worker (not the master) has logged the end of one."""
+    sessions = 0
+    while "[worker " not in ended(log) and sessions < 100 and time.monotonic() < deadline:
+        client = poplib.POP3("127.0.0.1", pop3, timeout=10)
+        client.user("alice@example.com")
+        client.pass_("pw")
+        client.quit()
+        sessions += 1
+        while ended(log).count("ended by QUIT") < sessions and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert "[worker " in ended(log), log.read_text()[-2000:]
+
+
+def test_workers_write_to_the_masters_stdout_with_nodaemon(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    r = admin(state, "user", "add", "--scheme", "PLAIN", "alice@example.com", stdin="pw\n")
+    assert r.returncode == 0, r.stderr
+    pop3 = free_port()
+    out = tmp_path / "stdout.log"
+    env = {k: v for k, v in os.environ.items() if k not in (LOG_ENV, "PYTHONUNBUFFERED")}
+    with out.open("ab") as stdout:
+        proc = subprocess.Popen(
+            twistd_command(
+                *("--state-dir", str(state), "--workers", "2", "--shutdown-grace", "2"),
+                *("--allow-plaintext-from", "127.0.0.0/8", "--default-domain", "example.com"),
+                *("--pop3", f"tcp:{pop3}:interface=127.0.0.1"),
+            ),
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=env,
+        )
+    try:
+        wait_for_ports(proc, [pop3], out)
+        pop3_session_until_a_worker_logs(pop3, out, time.monotonic() + 30)
+        line = next(x for x in out.read_text().splitlines() if "[worker " in x and "QUIT" in x)
+        assert line[:4].isdigit() and "[mailgate.pop3.server#info] [worker " in line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=40)
+    assert "Traceback" not in out.read_text()
+
+
+def test_a_daemon_and_its_workers_log_to_twistd_log(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    r = admin(state, "user", "add", "--scheme", "PLAIN", "alice@example.com", stdin="pw\n")
+    assert r.returncode == 0, r.stderr
+    pop3 = free_port()
+    pidfile = tmp_path / "twistd.pid"
+    command = [
+        *twistd_command()[:3],
+        f"--pidfile={pidfile}", "mailgate",
+        *("--state-dir", str(state), "--workers", "2", "--shutdown-grace", "2"),
+        *("--allow-plaintext-from", "127.0.0.0/8", "--default-domain", "example.com"),
+        *("--pop3", f"tcp:{pop3}:interface=127.0.0.1"),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != LOG_ENV}
+    started = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=60)
+    assert started.returncode == 0, started.stderr
+    log = tmp_path / "twistd.log"  # twistd's default for a daemon, in its directory
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon = int(pidfile.read_text())
+    try:
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", pop3), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        pop3_session_until_a_worker_logs(pop3, log, deadline)
+    finally:
+        os.kill(daemon, signal.SIGTERM)
+        while pidfile.exists() and time.monotonic() < deadline + 30:
+            time.sleep(0.05)
+    assert "Traceback" not in log.read_text()
