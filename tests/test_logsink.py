@@ -306,15 +306,30 @@ def any_open(master: int, path: Path) -> bool:
     return False
 
 
+def alice_state(tmp_path: Path) -> Path:
+    """A state directory with one {PLAIN} account, alice@example.com / pw."""
+    state = tmp_path / "state"
+    r = admin(state, "user", "add", "--scheme", "PLAIN", "alice@example.com", stdin="pw\n")
+    assert r.returncode == 0, r.stderr
+    return state
+
+
+def two_workers(state: Path, pop3: int) -> list[str]:
+    """mailgate's options for a two-process server with a plaintext POP3 port."""
+    return [
+        *("--state-dir", str(state), "--workers", "2", "--shutdown-grace", "2"),
+        *("--allow-plaintext-from", "127.0.0.0/8", "--default-domain", "example.com"),
+        *("--pop3", f"tcp:{pop3}:interface=127.0.0.1"),
+    ]
+
+
 def ended(log: Path) -> str:
     """The session-end lines of a log."""
     return "\n".join(line for line in log.read_text().splitlines() if "ended by QUIT" in line)
 
 
 def test_workers_write_the_twistd_log_file_and_follow_sigusr1_rotation(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    r = admin(state, "user", "add", "--scheme", "PLAIN", "alice@example.com", stdin="pw\n")
-    assert r.returncode == 0, r.stderr
+    state = alice_state(tmp_path)
     log = tmp_path / "mail.log"
     pop3 = free_port()
     out = tmp_path / "stdout.log"
@@ -323,9 +338,7 @@ def test_workers_write_the_twistd_log_file_and_follow_sigusr1_rotation(tmp_path:
             [
                 *twistd_command()[:3],
                 "-n", "--pidfile=", f"--logfile={log}", "mailgate",
-                *("--state-dir", str(state), "--workers", "2", "--shutdown-grace", "2"),
-                *("--allow-plaintext-from", "127.0.0.0/8", "--default-domain", "example.com"),
-                *("--pop3", f"tcp:{pop3}:interface=127.0.0.1"),
+                *two_workers(state, pop3),
             ],
             stdout=stdout,
             stderr=subprocess.STDOUT,
@@ -370,19 +383,13 @@ def pop3_session_until_a_worker_logs(pop3: int, log: Path, deadline: float) -> N
 
 
 def test_workers_write_to_the_masters_stdout_with_nodaemon(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    r = admin(state, "user", "add", "--scheme", "PLAIN", "alice@example.com", stdin="pw\n")
-    assert r.returncode == 0, r.stderr
+    state = alice_state(tmp_path)
     pop3 = free_port()
     out = tmp_path / "stdout.log"
     env = {k: v for k, v in os.environ.items() if k not in (LOG_ENV, "PYTHONUNBUFFERED")}
     with out.open("ab") as stdout:
         proc = subprocess.Popen(
-            twistd_command(
-                *("--state-dir", str(state), "--workers", "2", "--shutdown-grace", "2"),
-                *("--allow-plaintext-from", "127.0.0.0/8", "--default-domain", "example.com"),
-                *("--pop3", f"tcp:{pop3}:interface=127.0.0.1"),
-            ),
+            twistd_command(*two_workers(state, pop3)),
             stdout=stdout,
             stderr=subprocess.STDOUT,
             cwd=tmp_path,
@@ -400,17 +407,13 @@ def test_workers_write_to_the_masters_stdout_with_nodaemon(tmp_path: Path) -> No
 
 
 def test_a_daemon_and_its_workers_log_to_twistd_log(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    r = admin(state, "user", "add", "--scheme", "PLAIN", "alice@example.com", stdin="pw\n")
-    assert r.returncode == 0, r.stderr
+    state = alice_state(tmp_path)
     pop3 = free_port()
     pidfile = tmp_path / "twistd.pid"
     command = [
         *twistd_command()[:3],
         f"--pidfile={pidfile}", "mailgate",
-        *("--state-dir", str(state), "--workers", "2", "--shutdown-grace", "2"),
-        *("--allow-plaintext-from", "127.0.0.0/8", "--default-domain", "example.com"),
-        *("--pop3", f"tcp:{pop3}:interface=127.0.0.1"),
+        *two_workers(state, pop3),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != LOG_ENV}
     started = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=60)
