@@ -30,6 +30,7 @@ from typing import Any
 from twisted.logger import (
     ILogObserver,
     LogEvent,
+    Logger,
     formatEventAsClassicLogText,
     formatTime,
 )
@@ -42,6 +43,8 @@ LOG_ENV = "MAILGATE_LOG"
 #: How often a worker checks whether the log file was rotated, and the master whether
 #: the file (workers' lines included) has reached its rotation size.
 CHECK_INTERVAL = 1.0
+
+_log = Logger()
 
 #: The event key where :func:`mailgate.session.log_line` keeps its ready-made text.
 TEXT_KEY = "mailgate_text"
@@ -127,6 +130,7 @@ class SharedLogFile(logfile.LogFile):
 
     synchronized = ["write", "check", "rotate_now"]
     on_rotate: Callable[[], object] = staticmethod(lambda: None)
+    _failing = False
 
     @classmethod
     def at(cls, path: str, rotate_length: int = 1_000_000) -> SharedLogFile:
@@ -169,10 +173,22 @@ class SharedLogFile(logfile.LogFile):
             return
         try:
             self.size = os.fstat(self._file.fileno()).st_size
-            if self.shouldRotate():  # type: ignore[no-untyped-call]
-                self.rotate_now()
         except (OSError, ValueError):
             return
+        if self.shouldRotate():  # type: ignore[no-untyped-call]
+            self.rotate_or_say_why()
+
+    def rotate_or_say_why(self) -> None:
+        """Rotate; a failure is logged once until a rotation works again (not every
+        second) and never raised: the log keeps going to the same file."""
+        try:
+            self.rotate_now()
+        except (OSError, ValueError) as e:
+            if not self._failing:
+                self._failing = True
+                _log.error("cannot rotate {path}: {error}", path=self.path, error=e)
+            return
+        self._failing = False
 
 
 threadable.synchronize(SharedLogFile)  # type: ignore[no-untyped-call]
@@ -277,7 +293,7 @@ class MasterLog:
 
             def on_usr1(signum: int, frame: FrameType | None) -> None:
                 if shared is not None:
-                    reactor.callFromThread(shared.rotate_now)
+                    reactor.callFromThread(shared.rotate_or_say_why)
 
             self._old_usr1 = signal.signal(signal.SIGUSR1, on_usr1)
 

@@ -19,6 +19,7 @@ from twisted.logger import (
     LogPublisher,
     formatEventAsClassicLogText,
     formatTime,
+    globalLogPublisher,
 )
 
 from mailgate.logsink import (
@@ -225,13 +226,22 @@ def test_a_failed_rotation_is_tried_again_and_rotations_are_announced(
     told: list[str] = []
     shared.on_rotate = lambda: told.append("rotated")
     shared.write(b"0123456789\n")
-    with monkeypatch.context() as patched:
+    logged: list[bytes] = []
+    collect = LineObserver(logged.append)
+    globalLogPublisher.addObserver(collect)
+    try:
+        with monkeypatch.context() as patched:
 
-        def refuse(*args: object) -> None:
-            raise PermissionError(13, "Permission denied")
+            def refuse(*args: object) -> None:
+                raise PermissionError(13, "Permission denied")
 
-        patched.setattr(os, "rename", refuse)
-        shared.check()  # must not raise: the LoopingCall would stop for good
+            patched.setattr(os, "rename", refuse)
+            shared.check()  # must not raise: the LoopingCall would stop for good
+            shared.check()  # still failing: not said again
+    finally:
+        globalLogPublisher.removeObserver(collect)
+    said = [line for line in logged if b"[mailgate.logsink#error] cannot rotate" in line]
+    assert len(said) == 1 and f"cannot rotate {path}: ".encode() in said[0]
     shared.write(b"kept\n")  # the failed rename closed the file: it was opened again
     assert path.read_bytes() == b"0123456789\nkept\n"
     assert told == []
