@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.e2e.conftest import free_port
+
 PROJECT = Path(__file__).resolve().parents[2]
 DOMAIN = "example.com"
 REMOTE = "far.example"
@@ -58,12 +60,6 @@ USERS = {
 RECIPIENTS = ("alice", "bob")
 TOKEN_RE = re.compile(rb"^Subject: crash ([0-9a-z-]+)$", re.M)
 SPOOL_STATES = ("incoming", "active", "deferred", "hold")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

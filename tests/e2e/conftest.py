@@ -19,10 +19,21 @@ PROJECT = Path(__file__).resolve().parents[2]
 USERS = {"alice@example.com": "alice-secret-1", "bob@example.com": "bob-secret-2"}
 
 
+#: Ports free_port() has handed out in this test process.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port, never one handed out before in this process: the kernel may
+    give the same ephemeral port to two binds in a row, and a server then got one port for
+    two of its listeners ("Address already in use")."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def admin(state: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
