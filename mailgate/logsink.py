@@ -37,6 +37,8 @@ from twisted.logger import (
 from twisted.python import logfile, threadable
 from zope.interface import implementer
 
+from mailgate.fileio import stdout_fd, write_all
+
 #: Environment variable telling a worker where its log lines go: ``stderr`` (its fd 2 is
 #: the master's log stream) or ``file:PATH``. Unset: relay through the master.
 LOG_ENV = "MAILGATE_LOG"
@@ -65,13 +67,6 @@ class TimeStamps:
             self._text = formatTime(second)
             self._second = second
         return self._text
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """Write every byte (a short write would glue the next line onto half of this one)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 @implementer(ILogObserver)
@@ -310,7 +305,7 @@ def _stdout_writer() -> Callable[[bytes], object]:
     """Whole lines straight to the real stdout (the fd a worker gets as its stderr), after
     anything Python still buffers there (the demo account's banner, say)."""
     stream = sys.__stdout__
-    fd = stream.fileno() if stream is not None else 1
+    fd = stdout_fd()
 
     def write(data: bytes) -> None:
         if stream is not None:

@@ -14,6 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 
 from mailgate.errors import ConfigError
+from mailgate.fileio import write_all
 
 
 def make_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
@@ -78,7 +79,7 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -39,6 +39,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailgate.fileio import stdout_fd
 from mailgate.logsink import CHECK_INTERVAL, LOG_ENV, worker_observer
 from mailgate.session import log_line
 
@@ -208,7 +209,7 @@ class WorkerPool(Service):
         if self.log_env is not None:
             env[LOG_ENV] = self.log_env
             if self.log_env == "stderr":
-                child_fds[2] = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+                child_fds[2] = stdout_fd()
         transport = self.reactor.spawnProcess(
             proto,
             self.command[0],

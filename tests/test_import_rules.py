@@ -49,6 +49,7 @@ ALLOWED: dict[str, set[str]] = {
         "mailgate.errors",
         "mailgate.wire",
         "mailgate.store",
+        "mailgate.fileio",
     },
     "mailgate.auth": {
         "mailgate.interfaces",
@@ -83,7 +84,8 @@ ALLOWED: dict[str, set[str]] = {
     },
     "mailgate.realm": {"mailgate.interfaces", "mailgate.model", "mailgate.errors"},
     "mailgate.recipients": {"mailgate.model", "mailgate.errors"},
-    "mailgate.tls": {"mailgate.model", "mailgate.errors"},
+    "mailgate.tls": {"mailgate.model", "mailgate.errors", "mailgate.fileio"},
+    "mailgate.fileio": set(),
     "mailgate.config": {"mailgate.model", "mailgate.errors"},
 }
 

@@ -44,6 +44,7 @@ from mailgate.errors import (
     MaildropInUse,
     MaildropUnavailable,
 )
+from mailgate.fileio import write_all
 from mailgate.interfaces import IMaildrop, IMailStore, IMessageSink, ThreadRunner
 from mailgate.model import Address, Envelope, MessageInfo
 from mailgate.wire import wire_size_of_file
@@ -1068,9 +1069,7 @@ def _create_file(path: str, data: bytes) -> int:
     """Create ``path`` (never overwriting) holding ``data``; the open fd, not yet fsynced."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
