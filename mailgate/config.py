@@ -214,6 +214,10 @@ class Config:
     workers: int = field(default_factory=lambda: default_workers())
     #: Seconds SIGTERM lets open sessions finish before they are cut (without UPDATE).
     shutdown_grace: float = 30.0
+    #: How a group of deliveries is made durable: "file" (fsync each file and new/),
+    #: "filesystem" (one syncfs per filesystem) or "auto" (syncfs, backing off to per-file
+    #: fsyncs while other writers make it slow); see mailgate/store/flush.py.
+    fsync: str = "auto"
 
     @property
     def all_local_domains(self) -> tuple[str, ...]:
@@ -231,6 +235,9 @@ class Config:
     @property
     def self_signed(self) -> bool:
         return self.tls_cert is None
+
+
+FSYNC_MODES = ("auto", "file", "filesystem")
 
 
 def default_workers() -> int:
@@ -346,6 +353,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
     if workers < 1:
         raise top.error("workers", "must be at least 1")
     shutdown_grace = float(top.positive("shutdown_grace", 30.0, minimum=0))
+    fsync = top.choice("fsync", FSYNC_MODES, defaults.fsync)
 
     tls = top.sub("tls")
     cert = tls.take("cert", str, None)
@@ -494,6 +502,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         embedded_defaults=False,
         workers=workers,
         shutdown_grace=shutdown_grace,
+        fsync=fsync,
     )
 
 

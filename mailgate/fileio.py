@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import sys
+from collections.abc import Callable
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -17,3 +20,39 @@ def write_all(fd: int, data: bytes) -> None:
 def stdout_fd() -> int:
     """The process's real standard output (twistd replaces ``sys.stdout`` with a logger)."""
     return sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+
+
+#: syncfs(2) reports write-back errors from Linux 5.8 on; before that it returned 0
+#: whatever happened, which is no basis for an acknowledgement.
+SYNCFS_MIN_LINUX = (5, 8)
+
+
+def syncfs_function(
+    sysname: str | None = None, release: str | None = None
+) -> Callable[[int], None] | None:
+    """``syncfs(fd)`` (raises OSError), or None where it is missing or cannot be trusted.
+
+    Python's ``os`` has no syncfs, so it comes from the C library through ctypes.
+    """
+    if sysname is None or release is None:
+        uname = os.uname()
+        sysname, release = uname.sysname, uname.release
+    version = re.match(r"(\d+)\.(\d+)", release)
+    if sysname != "Linux" or not version:
+        return None
+    if (int(version[1]), int(version[2])) < SYNCFS_MIN_LINUX:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        c_syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    c_syncfs.argtypes = [ctypes.c_int]
+    c_syncfs.restype = ctypes.c_int
+
+    def syncfs(fd: int) -> None:
+        if c_syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return syncfs

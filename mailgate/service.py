@@ -31,7 +31,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate import demo, fastpoll, tls
+from mailgate import demo, fastpoll, fileio, tls
 from mailgate.auth.checker import PasswordChecker
 from mailgate.auth.passwords import (
     DUMMY_HASH,
@@ -56,6 +56,7 @@ from mailgate.queue.spool import Spool
 from mailgate.realm import MailRealm
 from mailgate.relay.client import SmtpRelay
 from mailgate.smtp.server import SmtpFactory, SmtpProfile, SmtpSettings
+from mailgate.store.flush import FilesystemFlush
 from mailgate.store.maildir import MaildirStore
 from mailgate.workers import WorkerPool, bind_socket, tcp_address, worker_command
 
@@ -558,6 +559,31 @@ class _Wiring:
         )
 
 
+def group_flush(
+    mode: str,
+    quiet: bool,
+    find_syncfs: Callable[[], Callable[[int], None] | None] = fileio.syncfs_function,
+) -> FilesystemFlush | None:
+    """The store's group-commit flush for the ``fsync`` setting (None: per-file fsyncs).
+
+    "filesystem" and "auto" need a syncfs that reports write errors (Linux 5.8+); without
+    one both fall back to per-file fsyncs, which are never less durable. ``quiet``: a
+    worker, whose master has said so already.
+    """
+    if mode == "file":
+        return None
+    syncfs = find_syncfs()
+    if syncfs is None:
+        if not quiet:
+            log.warn(
+                'fsync = "{mode}": this system has no syncfs(2) that reports write errors '
+                "(Linux 5.8 or later); using per-file fsyncs",
+                mode=mode,
+            )
+        return None
+    return FilesystemFlush(syncfs, adaptive=mode == "auto")
+
+
 def raise_open_file_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; returns the limit now in force.
 
@@ -610,7 +636,12 @@ def build_service(
     users.background = run_in_thread  # re-read changed user files off the reactor
     if not is_child:
         bootstrap_demo(config, users, out)
-    store = MaildirStore(str(state / "mail"), run_in_thread, hostname=config.hostname)
+    store = MaildirStore(
+        str(state / "mail"),
+        run_in_thread,
+        hostname=config.hostname,
+        group_flush=group_flush(config.fsync, is_child),
+    )
     if not is_child:
         store.sweep_stale()  # before any worker starts delivering
     spool = Spool(state / "spool", run_in_thread, reactor)

@@ -7,7 +7,8 @@ message, and the wire size is what RETR sends (CRLF line ends, before dot-stuffi
 
 Delivery keeps a message of up to MEMORY_LIMIT octets in memory; ``finish()``, in the thread
 runner, writes and fsyncs it in the first recipient's ``tmp/``, hard-links it into the other
-recipients' ``tmp/``, renames each into ``new/`` (the Maildir protocol) and fsyncs ``new/``.
+recipients' ``tmp/``, renames each into ``new/`` (the Maildir protocol) and fsyncs ``new/``,
+for every message waiting at once (group commit; optionally with syncfs, see flush.py).
 A larger message streams into a spool file under ``ROOT/.incoming`` (same filesystem),
 linked the same way on ``finish()``. Nothing touches the disk on the reactor thread except
 buffered writes to that spool file and opening it.
@@ -47,6 +48,7 @@ from mailgate.errors import (
 from mailgate.fileio import write_all
 from mailgate.interfaces import IMaildrop, IMailStore, IMessageSink, ThreadRunner
 from mailgate.model import Address, Envelope, MessageInfo
+from mailgate.store.flush import FilesystemFlush
 from mailgate.wire import wire_size_of_file
 
 _log = Logger()
@@ -175,6 +177,7 @@ class MaildirStore:
         *,
         hostname: str | None = None,
         fsync: Callable[[int], None] = os.fsync,
+        group_flush: FilesystemFlush | None = None,
         cache_messages: int = DEFAULT_CACHE_MESSAGES,
     ) -> None:
         self.root = os.path.abspath(root.path if isinstance(root, FilePath) else root)
@@ -182,6 +185,9 @@ class MaildirStore:
         self._run = run_in_thread
         self._host = _sanitised_host(hostname if hostname is not None else socket.gethostname())
         self._fsync = fsync
+        #: How a group commit makes its files durable: None is an fsync per file and per
+        #: new/ directory; a FilesystemFlush is one syncfs per filesystem (see flush.py).
+        self.group_flush = group_flush
         # Maildir -> its last scan (see _MaildirState), least recently used first.
         self._states: OrderedDict[str, _MaildirState] = OrderedDict()
         self._states_lock = threading.Lock()
@@ -281,6 +287,8 @@ class MaildirStore:
         One thread hop writes every waiting message, fsyncs each, renames them all into
         new/ and fsyncs each new/ directory once: with many concurrent submissions that is
         one directory fsync (and one journal commit) for a group, not one per message.
+        With a ``group_flush`` the file and directory fsyncs become one syncfs per
+        filesystem before the renames and one after, whatever the size of the group.
         Only one group is in flight; messages arriving meanwhile form the next one, so the
         group grows with the load and a lone message waits for nothing.
         """
@@ -1010,9 +1018,9 @@ def _commit_group(
     """Thread pool: deliver every job all-or-nothing; each gets its queue id or its error.
 
     Same order of events as a single delivery, done for the whole group at each step:
-    every copy written, every file fsynced, every copy renamed into new/, each new/
-    fsynced once. Nothing is acknowledged (the results only reach the sessions after
-    this returns) before its new/ directories are durable.
+    every copy written, every copy made durable, every copy renamed into new/, the
+    renames made durable. Nothing is acknowledged (the results only reach the sessions
+    after this returns) before its new/ entries are on stable storage.
     """
     results: list[str | Exception] = [""] * len(jobs)
     live: list[tuple[int, _Staged]] = []
@@ -1031,23 +1039,48 @@ def _commit_group(
             fail(i, item, e)
             continue
         live.append((i, item))
-    for step in ("fsync", "rename"):
-        still: list[tuple[int, _Staged]] = []
-        for i, item in live:
-            try:
-                if step == "fsync":
-                    for fd in item.fds:
-                        store._fsync(fd)
-                    item.close()
-                else:
-                    for tmp_target, final in item.staged:
-                        os.rename(tmp_target, final)
-                        item.delivered.append(final)
-            except Exception as e:
-                fail(i, item, e)
-                continue
-            still.append((i, item))
-        live = still
+    flush = store.group_flush
+    if flush is not None and flush.active():
+        live = _durable_by_filesystem(live, flush, fail)
+    else:
+        live = _durable_by_file(store, live, fail)
+    for i, item in live:
+        results[i] = item.delivery.queue_id
+    return results
+
+
+_Fail = Callable[[int, "_Staged", Exception], None]
+
+
+def _rename_all(live: list[tuple[int, _Staged]], fail: _Fail) -> list[tuple[int, _Staged]]:
+    still: list[tuple[int, _Staged]] = []
+    for i, item in live:
+        try:
+            for tmp_target, final in item.staged:
+                os.rename(tmp_target, final)
+                item.delivered.append(final)
+        except Exception as e:
+            fail(i, item, e)
+            continue
+        still.append((i, item))
+    return still
+
+
+def _durable_by_file(
+    store: MaildirStore, live: list[tuple[int, _Staged]], fail: _Fail
+) -> list[tuple[int, _Staged]]:
+    """fsync every written file, rename, fsync each new/ once."""
+    still: list[tuple[int, _Staged]] = []
+    for i, item in live:
+        try:
+            for fd in item.fds:
+                store._fsync(fd)
+            item.close()
+        except Exception as e:
+            fail(i, item, e)
+            continue
+        still.append((i, item))
+    live = _rename_all(still, fail)
     broken: dict[str, OSError] = {}
     for directory in dict.fromkeys(
         os.path.dirname(final) for _, item in live for final in item.delivered
@@ -1056,13 +1089,44 @@ def _commit_group(
             store.fsync_dir(directory)
         except OSError as e:
             broken[directory] = e
+    still = []
     for i, item in live:
         errors = [broken[d] for d in map(os.path.dirname, item.delivered) if d in broken]
         if errors:
             fail(i, item, errors[0])
         else:
-            results[i] = item.delivery.queue_id
-    return results
+            still.append((i, item))
+    return still
+
+
+def _durable_by_filesystem(
+    live: list[tuple[int, _Staged]], flush: FilesystemFlush, fail: _Fail
+) -> list[tuple[int, _Staged]]:
+    """One syncfs per filesystem for the copies, rename, one more for the renames.
+
+    A failed syncfs cannot say whose data it lost, so it fails the whole group. The
+    filesystems are held by duplicated fds: a failing item closes its own.
+    """
+    per_fs: dict[int, int] = {}
+    try:
+        for _, item in live:
+            for fd in item.fds:
+                device = os.fstat(fd).st_dev
+                if device not in per_fs:
+                    per_fs[device] = os.dup(fd)
+        for _, item in live:
+            item.close()
+        flush.flush(per_fs.values())
+        live = _rename_all(live, fail)
+        flush.flush(per_fs.values())
+    except OSError as e:
+        for i, item in live:
+            fail(i, item, e)
+        return []
+    finally:
+        for fd in per_fs.values():
+            os.close(fd)
+    return live
 
 
 def _create_file(path: str, data: bytes) -> int:

@@ -1,0 +1,251 @@
+"""Group commits made durable by syncfs: the policy, the system call, the store's use of it."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.logger import LogLevel, capturedLogs
+
+from mailgate import fileio
+from mailgate.config import parse_config
+from mailgate.errors import ConfigError, DeliveryError
+from mailgate.model import Address, Envelope
+from mailgate.service import group_flush
+from mailgate.store.flush import FilesystemFlush
+from mailgate.store.maildir import MaildirStore
+from mailgate.testing import HeldRunner
+from tests.test_maildir import ALICE, BOB, MaildirTestCase
+from tests.test_store_contract import failure_of
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingSyncfs:
+    """Counts syncfs calls; can take (fake) time, fail, or look at the Maildir first."""
+
+    def __init__(self, clock: FakeClock | None = None) -> None:
+        self.calls: list[int] = []
+        self.clock = clock
+        self.takes = 0.0
+        self.error: OSError | None = None
+        self.fail_on_call: int | None = None
+        self.seen: list[list[str]] = []
+        self.watch: Path | None = None
+
+    def __call__(self, fd: int) -> None:
+        os.fstat(fd)  # a live descriptor, not a closed (or reused) number
+        self.calls.append(fd)
+        if self.watch is not None:
+            self.seen.append(sorted(os.listdir(self.watch)))
+        if self.clock is not None:
+            self.clock.now += self.takes
+        if self.error is not None and (
+            self.fail_on_call is None or self.fail_on_call == len(self.calls)
+        ):
+            raise self.error
+
+
+# -- the policy ----------------------------------------------------------------------------
+
+
+def test_a_slow_syncfs_backs_off_to_per_file_fsyncs_then_tries_again() -> None:
+    clock = FakeClock()
+    syncfs = RecordingSyncfs(clock)
+    flush = FilesystemFlush(syncfs, adaptive=True, clock=clock, slow=0.025, back_off=30)
+    syncfs.takes = 0.001
+    flush.flush([5])
+    assert flush.active()
+    syncfs.takes = 0.2  # another writer's backlog went out with ours
+    flush.flush([5])
+    assert not flush.active()
+    clock.now += 29
+    assert not flush.active()
+    clock.now += 2
+    assert flush.active()
+
+
+def test_a_failed_syncfs_raises_and_backs_off() -> None:
+    clock = FakeClock()
+    syncfs = RecordingSyncfs(clock)
+    syncfs.error = OSError(errno.EIO, "Input/output error")
+    flush = FilesystemFlush(syncfs, adaptive=True, clock=clock)
+    with pytest.raises(OSError):
+        flush.flush([5])
+    assert not flush.active()
+
+
+def test_the_filesystem_mode_never_backs_off() -> None:
+    clock = FakeClock()
+    syncfs = RecordingSyncfs(clock)
+    syncfs.takes = 5.0
+    flush = FilesystemFlush(syncfs, adaptive=False, clock=clock)
+    flush.flush([5])
+    assert flush.active()
+
+
+# -- the system call -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sysname", "release"),
+    [("Linux", "5.7.19"), ("Linux", "4.19.0-25-amd64"), ("Darwin", "23.1.0"), ("Linux", "x")],
+)
+def test_no_syncfs_where_it_cannot_report_errors(sysname: str, release: str) -> None:
+    assert fileio.syncfs_function(sysname, release) is None
+
+
+def test_syncfs_flushes_a_real_file_and_reports_a_bad_descriptor(tmp_path: Path) -> None:
+    syncfs = fileio.syncfs_function("Linux", "6.1.0")
+    if syncfs is None:
+        pytest.skip("the C library has no syncfs")
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fileio.write_all(fd, b"data")
+        syncfs(fd)
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as raised:
+        syncfs(fd)
+    assert raised.value.errno == errno.EBADF
+
+
+# -- the setting ---------------------------------------------------------------------------
+
+
+def test_the_fsync_setting(tmp_path: Path) -> None:
+    assert parse_config({}, "t.toml", tmp_path).fsync == "auto"
+    assert parse_config({"fsync": "file"}, "t.toml", tmp_path).fsync == "file"
+    with pytest.raises(ConfigError, match="fsync: must be one of auto, file, filesystem"):
+        parse_config({"fsync": "never"}, "t.toml", tmp_path)
+
+
+def test_group_flush_for_each_mode() -> None:
+    def fake(fd: int) -> None:
+        pass
+
+    assert group_flush("file", False, lambda: fake) is None
+    auto = group_flush("auto", False, lambda: fake)
+    assert isinstance(auto, FilesystemFlush) and auto.adaptive
+    strict = group_flush("filesystem", False, lambda: fake)
+    assert isinstance(strict, FilesystemFlush) and not strict.adaptive
+
+
+def test_without_syncfs_the_master_says_so_and_fsyncs_per_file() -> None:
+    with capturedLogs() as events:
+        assert group_flush("filesystem", False, lambda: None) is None
+        assert group_flush("auto", True, lambda: None) is None  # a worker stays quiet
+    warnings = [e for e in events if e.get("log_level") == LogLevel.warn]
+    assert len(warnings) == 1
+    assert "per-file fsyncs" in str(warnings[0]["log_format"])
+
+
+# -- the store -----------------------------------------------------------------------------
+
+
+class SyncfsGroupCommitTests(MaildirTestCase):
+    def make_store(self) -> MaildirStore:
+        self.runner = HeldRunner()
+        self.clock = FakeClock()
+        self.syncfs = RecordingSyncfs(self.clock)
+        self.flush = FilesystemFlush(self.syncfs, adaptive=True, clock=self.clock)
+        return MaildirStore(
+            str(self.root),
+            self.runner,
+            hostname="test.host",
+            fsync=self.fsync,
+            group_flush=self.flush,
+        )
+
+    def start(self, data: bytes, *rcpts: Address) -> Deferred[str]:
+        sink = self.store.open_delivery(Envelope(None, rcpts or (ALICE,)))
+        sink.write(data)
+        return sink.finish()
+
+    def warm_up(self) -> None:
+        """Create both Maildirs (their directory fsyncs are not the group's)."""
+        self.start(b"warm up\n", ALICE, BOB)
+        self.runner.run_one()
+        self.syncfs.calls.clear()
+        self.fsync.calls = 0
+
+    def test_a_group_takes_two_syncfs_and_no_fsync(self) -> None:
+        self.warm_up()
+        blocker = self.start(b"blocker\n")
+        group = [self.start(b"one\n"), self.start(b"two\n", ALICE, BOB), self.start(b"3\n")]
+        self.runner.run_one()
+        self.successResultOf(blocker)
+        self.syncfs.calls.clear()
+        self.fsync.calls = 0
+        self.syncfs.watch = self.maildir() / "new"
+        self.runner.run_one()
+        assert len({self.successResultOf(d) for d in group}) == 3
+        assert self.fsync.calls == 0
+        assert len(self.syncfs.calls) == 2  # one filesystem: before and after the renames
+        before, after = self.syncfs.seen
+        assert len(before) == 2  # the data is durable before anything reaches new/
+        assert len(after) == 5
+        assert sorted(p.read_bytes() for p in (self.maildir(BOB) / "new").iterdir()) == [
+            b"two\n",
+            b"warm up\n",
+        ]
+        assert os.listdir(self.maildir() / "tmp") == []
+
+    def test_a_failed_first_syncfs_fails_the_whole_group_and_leaves_nothing(self) -> None:
+        self.warm_up()
+        self.syncfs.error = OSError(errno.EIO, "Input/output error")
+        self.syncfs.fail_on_call = 1
+        doomed = self.start(b"lost\n", ALICE, BOB)
+        self.runner.run_one()
+        failure_of(doomed, DeliveryError)
+        self.flushLoggedErrors(OSError)  # type: ignore[no-untyped-call]
+        for who in (ALICE, BOB):
+            assert [p.read_bytes() for p in (self.maildir(who) / "new").iterdir()] == [b"warm up\n"]
+            assert os.listdir(self.maildir(who) / "tmp") == []
+
+    def test_a_failed_second_syncfs_rolls_the_renames_back(self) -> None:
+        self.warm_up()
+        blocker = self.start(b"blocker\n")
+        doomed = [self.start(b"a\n"), self.start(b"b\n", BOB)]
+        self.runner.run_one()
+        self.successResultOf(blocker)
+        self.syncfs.calls.clear()
+        self.syncfs.error = OSError(errno.EIO, "Input/output error")
+        self.syncfs.fail_on_call = 2
+        self.runner.run_one()
+        for d in doomed:
+            failure_of(d, DeliveryError)
+        self.flushLoggedErrors(OSError)  # type: ignore[no-untyped-call]
+        alice = sorted(p.read_bytes() for p in (self.maildir() / "new").iterdir())
+        assert alice == [b"blocker\n", b"warm up\n"]
+        assert [p.read_bytes() for p in (self.maildir(BOB) / "new").iterdir()] == [b"warm up\n"]
+        assert os.listdir(self.maildir() / "tmp") == []
+
+    def test_after_a_slow_syncfs_groups_use_per_file_fsyncs_for_a_while(self) -> None:
+        self.warm_up()
+        self.syncfs.takes = 0.5
+        d = self.start(b"slow\n")
+        self.runner.run_one()
+        self.successResultOf(d)
+        self.syncfs.takes = 0.0
+        calls = len(self.syncfs.calls)
+        d = self.start(b"next\n")
+        self.runner.run_one()
+        self.successResultOf(d)
+        assert len(self.syncfs.calls) == calls
+        assert self.fsync.calls == 2  # the file and new/
+        self.clock.now += 31
+        d = self.start(b"later\n")
+        self.runner.run_one()
+        self.successResultOf(d)
+        assert len(self.syncfs.calls) == calls + 2
+        assert self.fsync.calls == 2
