@@ -561,6 +561,7 @@ class _Wiring:
 
 def group_flush(
     mode: str,
+    mail_root: str,
     quiet: bool,
     find_syncfs: Callable[[], Callable[[int], None] | None] = fileio.syncfs_function,
 ) -> FilesystemFlush | None:
@@ -581,7 +582,7 @@ def group_flush(
                 mode=mode,
             )
         return None
-    return FilesystemFlush(syncfs, adaptive=mode == "auto")
+    return FilesystemFlush(syncfs, adaptive=mode == "auto", probe_path=mail_root)
 
 
 def raise_open_file_limit() -> int:
@@ -640,7 +641,7 @@ def build_service(
         str(state / "mail"),
         run_in_thread,
         hostname=config.hostname,
-        group_flush=group_flush(config.fsync, is_child),
+        group_flush=group_flush(config.fsync, str(state / "mail"), is_child),
     )
     if not is_child:
         store.sweep_stale()  # before any worker starts delivering

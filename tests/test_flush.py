@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,33 +60,82 @@ class RecordingSyncfs:
 # -- the policy ----------------------------------------------------------------------------
 
 
-def test_a_slow_syncfs_backs_off_to_per_file_fsyncs_then_tries_again() -> None:
+class HeldProbes:
+    """Probes the flush wants to start, run when the test says."""
+
+    def __init__(self) -> None:
+        self.waiting: list[Callable[[], None]] = []
+
+    def __call__(self, probe: Callable[[], None]) -> None:
+        self.waiting.append(probe)
+
+    def run(self) -> None:
+        probe = self.waiting.pop(0)
+        probe()
+
+
+def adaptive_flush(
+    tmp_path: Path,
+) -> tuple[FilesystemFlush, RecordingSyncfs, FakeClock, HeldProbes]:
     clock = FakeClock()
     syncfs = RecordingSyncfs(clock)
-    flush = FilesystemFlush(syncfs, adaptive=True, clock=clock, slow=0.025, back_off=30)
+    probes = HeldProbes()
+    flush = FilesystemFlush(
+        syncfs,
+        adaptive=True,
+        probe_path=str(tmp_path),
+        clock=clock,
+        slow=0.025,
+        retry=1.0,
+        start_probe=probes,
+    )
+    return flush, syncfs, clock, probes
+
+
+def test_a_slow_syncfs_falls_back_until_a_probe_finds_it_fast(tmp_path: Path) -> None:
+    flush, syncfs, clock, probes = adaptive_flush(tmp_path)
     syncfs.takes = 0.001
     flush.flush([5])
     assert flush.active()
     syncfs.takes = 0.2  # another writer's backlog went out with ours
     flush.flush([5])
     assert not flush.active()
-    clock.now += 29
+    assert probes.waiting == []  # not before a second has passed
+    clock.now += 1.5
     assert not flush.active()
-    clock.now += 2
+    assert len(probes.waiting) == 1
+    assert not flush.active()
+    assert len(probes.waiting) == 1  # one probe at a time
+    probes.run()  # still slow: stay on per-file fsyncs, try again a second later
+    assert not flush.active()
+    assert probes.waiting == []
+    clock.now += 1.5
+    syncfs.takes = 0.001
+    assert not flush.active()
+    calls = len(syncfs.calls)
+    probes.run()
+    assert len(syncfs.calls) == calls + 1  # the probe syncs the mail root's filesystem
     assert flush.active()
 
 
-def test_a_failed_syncfs_raises_and_backs_off() -> None:
-    clock = FakeClock()
-    syncfs = RecordingSyncfs(clock)
+def test_a_failed_syncfs_raises_and_falls_back(tmp_path: Path) -> None:
+    flush, syncfs, clock, probes = adaptive_flush(tmp_path)
     syncfs.error = OSError(errno.EIO, "Input/output error")
-    flush = FilesystemFlush(syncfs, adaptive=True, clock=clock)
     with pytest.raises(OSError):
         flush.flush([5])
     assert not flush.active()
+    clock.now += 2
+    flush.active()
+    probes.run()  # the probe fails too
+    assert not flush.active()
+    syncfs.error = None
+    clock.now += 2
+    flush.active()
+    probes.run()
+    assert flush.active()
 
 
-def test_the_filesystem_mode_never_backs_off() -> None:
+def test_the_filesystem_mode_never_falls_back() -> None:
     clock = FakeClock()
     syncfs = RecordingSyncfs(clock)
     syncfs.takes = 5.0
@@ -133,17 +184,17 @@ def test_group_flush_for_each_mode() -> None:
     def fake(fd: int) -> None:
         pass
 
-    assert group_flush("file", False, lambda: fake) is None
-    auto = group_flush("auto", False, lambda: fake)
+    assert group_flush("file", "/", False, lambda: fake) is None
+    auto = group_flush("auto", "/", False, lambda: fake)
     assert isinstance(auto, FilesystemFlush) and auto.adaptive
-    strict = group_flush("filesystem", False, lambda: fake)
+    strict = group_flush("filesystem", "/", False, lambda: fake)
     assert isinstance(strict, FilesystemFlush) and not strict.adaptive
 
 
 def test_without_syncfs_the_master_says_so_and_fsyncs_per_file() -> None:
     with capturedLogs() as events:
-        assert group_flush("filesystem", False, lambda: None) is None
-        assert group_flush("auto", True, lambda: None) is None  # a worker stays quiet
+        assert group_flush("filesystem", "/", False, lambda: None) is None
+        assert group_flush("auto", "/", True, lambda: None) is None  # a worker stays quiet
     warnings = [e for e in events if e.get("log_level") == LogLevel.warn]
     assert len(warnings) == 1
     assert "per-file fsyncs" in str(warnings[0]["log_format"])
@@ -157,7 +208,14 @@ class SyncfsGroupCommitTests(MaildirTestCase):
         self.runner = HeldRunner()
         self.clock = FakeClock()
         self.syncfs = RecordingSyncfs(self.clock)
-        self.flush = FilesystemFlush(self.syncfs, adaptive=True, clock=self.clock)
+        self.probes = HeldProbes()
+        self.flush = FilesystemFlush(
+            self.syncfs,
+            adaptive=True,
+            probe_path=str(self.base),
+            clock=self.clock,
+            start_probe=self.probes,
+        )
         return MaildirStore(
             str(self.root),
             self.runner,
@@ -230,7 +288,7 @@ class SyncfsGroupCommitTests(MaildirTestCase):
         assert [p.read_bytes() for p in (self.maildir(BOB) / "new").iterdir()] == [b"warm up\n"]
         assert os.listdir(self.maildir() / "tmp") == []
 
-    def test_after_a_slow_syncfs_groups_use_per_file_fsyncs_for_a_while(self) -> None:
+    def test_after_a_slow_syncfs_groups_use_per_file_fsyncs_until_it_is_fast(self) -> None:
         self.warm_up()
         self.syncfs.takes = 0.5
         d = self.start(b"slow\n")
@@ -243,9 +301,39 @@ class SyncfsGroupCommitTests(MaildirTestCase):
         self.successResultOf(d)
         assert len(self.syncfs.calls) == calls
         assert self.fsync.calls == 2  # the file and new/
-        self.clock.now += 31
+        self.clock.now += 2
+        d = self.start(b"during the probe\n")
+        self.runner.run_one()
+        self.successResultOf(d)
+        assert self.fsync.calls == 4
+        self.probes.run()
         d = self.start(b"later\n")
         self.runner.run_one()
         self.successResultOf(d)
-        assert len(self.syncfs.calls) == calls + 2
-        assert self.fsync.calls == 2
+        assert len(self.syncfs.calls) == calls + 1 + 2  # the probe, then the group's two
+        assert self.fsync.calls == 4
+
+
+def test_the_default_probe_runs_in_a_thread_of_its_own(tmp_path: Path) -> None:
+    clock = FakeClock()
+    release = threading.Event()
+    probed: list[str] = []
+
+    def syncfs(fd: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            probed.append(threading.current_thread().name)
+            release.wait(timeout=10)
+        else:
+            clock.now += 1.0  # slow
+
+    flush = FilesystemFlush(syncfs, adaptive=True, probe_path=str(tmp_path), clock=clock)
+    flush.flush([5])
+    clock.now += 5
+    assert not flush.active()  # starts the probe, answers for this group at once
+    (probe,) = [t for t in threading.enumerate() if t.name == "mailgate-syncfs-probe"]
+    assert probe.daemon
+    assert not flush.active()  # the probe has not answered yet
+    release.set()
+    probe.join(timeout=10)
+    assert probed == ["mailgate-syncfs-probe"]
+    assert flush.active()

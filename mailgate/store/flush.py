@@ -10,11 +10,15 @@ The price is that a syncfs also writes whatever else is dirty on that filesystem
 mail root on a filesystem of its own that is only mail; next to a busy writer (a backup, a
 database) an acknowledgement could wait for that writer's backlog. The adaptive mode (the
 ``fsync = "auto"`` default) watches for it: a syncfs slower than ``slow`` seconds sends the
-process back to per-file fsyncs for ``back_off`` seconds, then it tries again.
+process back to per-file fsyncs, and a probe off the delivery path (a syncfs of the mail
+root in a thread of its own, at most once a ``retry`` seconds, acknowledging nothing) says
+when syncfs is fast again.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -24,33 +28,48 @@ _log = Logger()
 
 #: A syncfs this slow (seconds) means someone else's backlog: per-file fsyncs for a while.
 SLOW = 0.025
-#: How long (seconds) a slow or failed syncfs keeps the process on per-file fsyncs.
-BACK_OFF = 30.0
+#: Seconds between two probes while on per-file fsyncs.
+RETRY = 1.0
+
+
+def _in_daemon_thread(probe: Callable[[], None]) -> None:
+    threading.Thread(target=probe, name="mailgate-syncfs-probe", daemon=True).start()
 
 
 class FilesystemFlush:
     """Flush the filesystems a group commit wrote to; thread-safe enough for the pool
-    (one group in flight per store, and a lost back-off update only delays a back-off)."""
+    (one group in flight per store, and a lost update only delays a switch)."""
 
     def __init__(
         self,
         syncfs: Callable[[int], None],
         *,
         adaptive: bool,
+        probe_path: str = ".",
         clock: Callable[[], float] = time.monotonic,
         slow: float = SLOW,
-        back_off: float = BACK_OFF,
+        retry: float = RETRY,
+        start_probe: Callable[[Callable[[], None]], None] = _in_daemon_thread,
     ) -> None:
         self._syncfs = syncfs
         self.adaptive = adaptive
+        self._probe_path = probe_path
         self._clock = clock
         self._slow = slow
-        self._back_off = back_off
-        self._per_file_until = float("-inf")
+        self._retry = retry
+        self._start_probe = start_probe
+        self._per_file = False
+        self._probing = False
+        self._next_probe = 0.0
 
     def active(self) -> bool:
         """Whether the next group should use syncfs (else per-file fsyncs)."""
-        return not self.adaptive or self._clock() >= self._per_file_until
+        if not self._per_file:
+            return True
+        if not self._probing and self._clock() >= self._next_probe:
+            self._probing = True
+            self._start_probe(self._probe)
+        return False
 
     def flush(self, fds: Iterable[int]) -> None:
         """syncfs each fd's filesystem (one fd per filesystem); OSError if any fails."""
@@ -59,20 +78,36 @@ class FilesystemFlush:
             for fd in fds:
                 self._syncfs(fd)
         except OSError as e:
-            if self.adaptive:
-                self._per_file_until = self._clock() + self._back_off
-                _log.warn(
-                    "syncfs failed ({error}); per-file fsyncs for {seconds:.0f} s",
-                    error=e,
-                    seconds=self._back_off,
-                )
+            self._fall_back(f"syncfs failed ({e})")
             raise
         took = self._clock() - start
-        if self.adaptive and took > self._slow:
-            self._per_file_until = self._clock() + self._back_off
-            _log.info(
-                "syncfs took {ms:.0f} ms (other writers on the mail filesystem); "
-                "per-file fsyncs for {seconds:.0f} s",
-                ms=took * 1000,
-                seconds=self._back_off,
+        if took > self._slow:
+            self._fall_back(
+                f"syncfs took {took * 1000:.0f} ms (other writers on the mail filesystem)"
             )
+
+    def _fall_back(self, why: str) -> None:
+        if not self.adaptive or self._per_file:
+            return
+        self._per_file = True
+        self._next_probe = self._clock() + self._retry
+        _log.info("{why}; per-file fsyncs until syncfs is fast again", why=why)
+
+    def _probe(self) -> None:
+        """Off the delivery path: time one syncfs of the mail root's filesystem."""
+        try:
+            fd = os.open(self._probe_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                start = self._clock()
+                self._syncfs(fd)
+                fast = self._clock() - start <= self._slow
+            finally:
+                os.close(fd)
+        except OSError:
+            fast = False
+        if fast:
+            self._per_file = False
+            _log.info("syncfs is fast again: one syncfs per group commit")
+        else:
+            self._next_probe = self._clock() + self._retry
+        self._probing = False
