@@ -8,8 +8,10 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin
+from twisted.python.failure import Failure
 
 
 class ClockedTimeout(TimeoutMixin):
@@ -37,16 +39,9 @@ def set_no_delay(transport: Any) -> None:
             pass  # not a TCP socket underneath (e.g. in-memory): nothing to tune
 
 
-def write_now(transport: Any, data: bytes) -> None:
-    """``transport.write(data)``, but sent at once when a plain TCP connection is idle.
-
-    Twisted queues every write until the next writable event, switching the socket's
-    epoll interest on and off around it: two ``epoll_ctl`` calls per reply, which the
-    submission profile showed as a fifth of the reactor's time. When nothing is queued, no
-    producer is registered and there is no TLS, sending right away is the same bytes in
-    the same order; whatever the socket does not take is queued the usual way. Any wrapper
-    that looks at writes (transcripts, faults, TLS) stops the shortcut.
-    """
+def _idle_plain_tcp(transport: Any) -> tcp.Server | None:
+    """The TCP connection under ``transport`` when nothing stands between them that looks at
+    writes (transcripts, faults, TLS) and nothing is queued or producing; else None."""
     below = transport
     while type(below).write is ProtocolWrapper.write:
         below = below.transport
@@ -60,6 +55,22 @@ def write_now(transport: Any, data: bytes) -> None:
         and not below._tempDataLen
         and len(below.dataBuffer) == below.offset
     ):
+        return below
+    return None
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, but sent at once when a plain TCP connection is idle.
+
+    Twisted queues every write until the next writable event, switching the socket's
+    epoll interest on and off around it: two ``epoll_ctl`` calls per reply, which the
+    submission profile showed as a fifth of the reactor's time. When nothing is queued, no
+    producer is registered and there is no TLS, sending right away is the same bytes in
+    the same order; whatever the socket does not take is queued the usual way. Any wrapper
+    that looks at writes (transcripts, faults, TLS) stops the shortcut.
+    """
+    below = _idle_plain_tcp(transport)
+    if below is not None:
         try:
             sent = below.socket.send(data)
         except BlockingIOError:
@@ -70,6 +81,30 @@ def write_now(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def close_now(transport: Any) -> None:
+    """``transport.loseConnection()``, done at once when a plain TCP connection has nothing
+    left to send (every reply went out through :func:`write_now`).
+
+    Twisted closes on the next writable event: an ``epoll_ctl`` to watch for it, a reactor
+    turn, another ``epoll_ctl`` to stop. With nothing queued there is nothing to wait for,
+    so this does what Twisted itself does for a connection whose write side is already shut:
+    stop watching it and report the connection lost (orderly: FIN, not RST) right here. The
+    protocol's ``connectionLost`` therefore runs inside the call; callers mark themselves
+    closed first.
+    """
+    below = _idle_plain_tcp(transport)
+    if below is None:
+        transport.loseConnection()
+        return
+    wrapper = transport
+    while wrapper is not below:  # as ProtocolWrapper.loseConnection would have marked them
+        wrapper.disconnecting = 1
+        wrapper = wrapper.transport
+    below.stopReading()
+    below.stopWriting()
+    below.connectionLost(Failure(CONNECTION_DONE))  # type: ignore[no-untyped-call]
 
 
 def log_line(logger: Logger, text: str, level: LogLevel = LogLevel.info, **fields: object) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
 
 from mailgate.pop3 import Pop3Factory, Pop3Settings
 from tests.test_pop3_server import make_portal, with_messages
@@ -99,3 +100,39 @@ def test_a_small_retr_is_sent_whole_at_once() -> None:
     assert server.producer is None
     assert receive(peer) == b"+OK 23 octets\r\nSubject: one\r\n\r\nHello\r\n.\r\n"
     close(server, peer)
+
+
+def read_to_eof(peer: socket.socket) -> bytes:
+    chunks = []
+    while chunk := peer.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_quit_closes_at_once_with_the_reply_before_the_fin() -> None:
+    server, protocol, peer, reactor = logged_in()
+    lost: list[object] = []
+    real_lost = protocol.connectionLost
+
+    def connection_lost(reason: object) -> None:
+        lost.append(reason)
+        real_lost(reason)
+
+    protocol.connectionLost = connection_lost
+    protocol.dataReceived(b"QUIT\r\n")
+    assert len(lost) == 1  # no reactor turn needed
+    assert not server.connected
+    assert server not in reactor.readers and server not in reactor.writers
+    assert read_to_eof(peer) == b"+OK mail.example.com signing off\r\n"  # then FIN, not RST
+    peer.close()
+
+
+def test_a_queued_reply_is_sent_before_the_close() -> None:
+    server, protocol, peer, _ = logged_in()
+    protocol.dataReceived(b"NOOP\r\nQUIT\r\n")  # pipelined: the replies are queued
+    assert server.connected  # so the close waits for them, the usual way
+    why = server.doWrite()  # type: ignore[no-untyped-call]
+    assert why is not None  # Twisted's "written out, now close"
+    server.connectionLost(Failure(why))  # type: ignore[no-untyped-call]
+    assert read_to_eof(peer) == b"+OK\r\n+OK mail.example.com signing off\r\n"
+    peer.close()

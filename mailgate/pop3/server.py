@@ -57,7 +57,7 @@ from mailgate.pop3._grammar import (
     parse_xtnd,
 )
 from mailgate.pop3.xtnd import XmitPolicy, XmitReceiver, first_header_lines
-from mailgate.session import ClockedTimeout, log_line, set_no_delay, write_now
+from mailgate.session import ClockedTimeout, close_now, log_line, set_no_delay, write_now
 from mailgate.wire import WireEncoder
 
 log = Logger()
@@ -416,7 +416,7 @@ class Pop3Server(Protocol, ClockedTimeout):
 
     def _close(self) -> None:
         self.state = State.CLOSED
-        self._transport.loseConnection()
+        close_now(self._transport)  # may run connectionLost before it returns
 
     def connectionMade(self) -> None:
         transport = self._transport
@@ -1239,7 +1239,7 @@ class Pop3Server(Protocol, ClockedTimeout):
     def _reply_and_close(self, reply: bytes) -> None:
         self._logout = None  # commit (or the explicit release) has let go of the lock
         if self.state is State.UPDATE:
-            self._transport.write(reply)
+            self._send(reply)
             self._ended_by = "QUIT"
             self._close()
 

@@ -44,7 +44,7 @@ from mailgate.headers import (
 )
 from mailgate.interfaces import IAuthThrottle, IMessageSink, ISubmission
 from mailgate.model import Address, Envelope
-from mailgate.session import ClockedTimeout, log_line, set_no_delay, write_now
+from mailgate.session import ClockedTimeout, close_now, log_line, set_no_delay, write_now
 from mailgate.smtp._grammar import (
     MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
@@ -304,7 +304,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         self._abort_data()
         self.state = State.CLOSED
         self._set_timeout(None)
-        self._transport.loseConnection()
+        close_now(self._transport)  # may run connectionLost before it returns
 
     # -- input loop ---------------------------------------------------------------------
 
