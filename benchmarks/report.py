@@ -42,6 +42,13 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("retr_big", "client_cpu_ms_per_mb", "  load generator CPU ms/MB", ""),
     ("retr_big", "mem_growth_mb", "  server memory growth during RETR MB", "lower"),
     ("retr_big", "peak_mem_mb", "  peak server memory MB", "lower"),
+    (
+        "retr_big_unmarked",
+        "retr_mb_per_s",
+        "RETR, same message named without ,D=0 (delivered by another program): MB/s",
+        "higher",
+    ),
+    ("retr_big_unmarked", "server_cpu_ms_per_mb", "  server CPU ms/MB", "lower"),
     ("huge_maildrop_first", "login_stat_s", "Huge maildrop, first login: login+STAT s", "lower"),
     ("huge_maildrop_first", "uidl_s", "  UIDL s", "lower"),
     ("huge_maildrop_first", "server_cpu_s", "  server CPU s (whole session)", "lower"),

@@ -187,6 +187,7 @@ def run(stack: Stack, sizes: Sizes, only: set[str] | None) -> Samples:
             rnd,
         )
         each("retr_big", lambda s, r: scenarios.retr_big(s), False, rnd)
+        each("retr_big_unmarked", lambda s, r: scenarios.retr_big(s, "bigx"), False, rnd)
         each("submit_1_per_conn", lambda s, r: scenarios.submissions(s, r, sizes, 1), True, rnd)
         each("submit_100_per_conn", lambda s, r: scenarios.submissions(s, r, sizes, 100), True, rnd)
         each("pop3s_handshake", lambda s, r: scenarios.handshakes(s, r, sizes, "pop3"), False, rnd)

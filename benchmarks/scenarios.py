@@ -32,6 +32,7 @@ class Sizes:
         boxes += [seed.Mailbox(f"a{i:02d}", self.retr_count, self.retr_size) for i in range(16)]
         boxes += [
             seed.Mailbox("big", 1, self.big_size),
+            seed.Mailbox("bigx", 1, self.big_size, dot_mark=False),
             seed.Mailbox("huge", self.huge_count, 600),
             seed.Mailbox("inbox", 0, 0),
             seed.Mailbox("sender", 0, 0),
@@ -128,7 +129,7 @@ def handshakes(server: Server, roots: list[int], sizes: Sizes, proto: str) -> Fi
 RETR_REPEATS = 5
 
 
-def retr_big(server: Server) -> Figures:
+def retr_big(server: Server, user: str = "big") -> Figures:
     """RETR of the one big message (RETR_REPEATS times in one session): MB/s on the wire,
     the server's CPU per MB and its memory during it.
 
@@ -141,7 +142,7 @@ def retr_big(server: Server) -> Figures:
     before = tree_memory_kb(server.roots)
     mem = MemorySampler(server.roots, interval=0.02)
     c = clients.BulkPop3(server.ports.pop3)
-    c.login(_user("big"), PASSWORD)
+    c.login(_user(user), PASSWORD)
     time.sleep(0.2)  # let a freed verification buffer leave the PSS figure
     base = tree_memory_kb(server.roots)
     with mem:

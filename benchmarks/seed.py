@@ -2,7 +2,9 @@
 
 Messages are stored with LF line ends (mailgate's storage convention; Dovecot reads the same
 files) and named ``<secs>.M<usec>P<pid>Q<n>.bench,S=<octets>,W=<CRLF octets>`` so neither
-server has to read a message to learn its size.
+server has to read a message to learn its size, plus ``,D=0`` (no line starts with ".") as
+mailgate's own delivery names such a message. Dovecot ignores the field. A mailbox with
+``dot_mark=False`` holds messages named as another program would deliver them, without it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Mailbox:
     local: str
     count: int
     size: int
+    dot_mark: bool = True
 
 
 def fill_maildir(root: str, box: Mailbox, secs: int = 1_700_000_000) -> None:
@@ -54,6 +57,8 @@ def fill_maildir(root: str, box: Mailbox, secs: int = 1_700_000_000) -> None:
         if data is None:
             data = cache[i % 8] = message(box.size, i % 8)
         name = f"{secs + i}.M{i % 1_000_000}P1Q{i}.bench,S={len(data)},W={wire_size(data)}"
+        if box.dot_mark and not (data.startswith(b".") or b"\n." in data):
+            name += ",D=0"
         with open(os.path.join(maildir, "new", name), "wb") as f:
             f.write(data)
 

@@ -40,6 +40,10 @@ class IMaildrop(Interface):
         Like a regular file, ``read(n)`` returns fewer than ``n`` bytes only at the end.
         """
 
+    def may_have_dot_lines(index: int) -> bool:
+        """False only when the store knows no line of message ``index`` starts with ``.``
+        (then RETR and TOP need not search for lines to dot-stuff); True when unsure."""
+
     def commit(deleted: Sequence[int]) -> Deferred[int]:
         """Remove these messages for good (POP3 UPDATE) and release the lock.
 

@@ -74,6 +74,9 @@ class MemoryMaildrop:
     def open_message(self, index: int) -> IO[bytes]:
         return io.BytesIO(self._snapshot[index].data)
 
+    def may_have_dot_lines(self, index: int) -> bool:
+        return True
+
     def commit(self, deleted: Sequence[int]) -> Deferred[int]:
         gone = {self._snapshot[i].uid for i in deleted}
         box = self._store.mailboxes.get(self._address, [])

@@ -20,6 +20,20 @@ from typing import IO
 _DOT_LINE = re.compile(rb"\n\.")
 
 
+def starts_dot_line(data: bytes, previous: bytes) -> bool:
+    """Whether a line beginning with ``.`` starts inside ``data``, which follows the byte
+    ``previous`` (b"" at the start of a message), whatever the line ends (LF, CRLF, CR).
+
+    A delivery asks this of every chunk it stores, so that RETR can skip the search when
+    the answer was no for the whole message (see the Maildir store's ``,D=0``).
+    """
+    if data[:1] == b"." and previous in (b"", b"\n", b"\r"):
+        return True
+    if _DOT_LINE.search(data) is not None:
+        return True
+    return b"\r" in data and b"\r." in data
+
+
 class WireEncoder:
     """Stateful stored-bytes -> wire-bytes encoder (CRLF line ends, optional dot-stuffing)."""
 

@@ -31,6 +31,7 @@ BOB = Address("bob", "example.org")
 NAME = re.compile(
     r"^(\d+)\.M(\d+)P(\d+)Q(\d+)\.test\.host,S=(\d+),W=(\d+)$",
 )
+NAME_Q = re.compile(r"Q(\d+)\.")
 
 
 def patch(case: unittest.TestCase, obj: object, name: str, value: object) -> None:
@@ -189,7 +190,7 @@ class DeliveryTests(MaildirTestCase):
         data = chunk * (MEMORY_LIMIT // len(chunk) * 3)
         assert (self.maildir() / "new" / name).read_bytes() == data
         wire = len(data) + data.count(b"\n")
-        assert name.endswith(f",S={len(data)},W={wire}")
+        assert name.endswith(f",S={len(data)},W={wire},D=0")  # no line starts with "."
         assert os.listdir(self.root / ".incoming") == []
         assert os.listdir(self.maildir() / "tmp") == []
 
@@ -332,7 +333,9 @@ class NoMoveTests(MaildirTestCase):
         assert renames == []
         assert sorted(os.listdir(md / "new")) == names
         assert os.listdir(md / "cur") == []
-        assert [m.key for m in drop.messages] == [f"new/{n}" for n in names]
+        # (as sets: the names' microseconds are not zero-padded, so a string sort of them
+        # is not delivery order when two deliveries straddle a power of ten)
+        assert sorted(m.key for m in drop.messages) == [f"new/{n}" for n in names]
         for i in range(3):
             with drop.open_message(i) as f:
                 assert f.read() == b"m%d\n" % i
@@ -923,3 +926,45 @@ class QuickOpenTests(MaildirTestCase):
         drop = self.open_via_thread()
         assert len(drop.messages) == 3
         drop.release()
+
+
+class DotLineTests(MaildirTestCase):
+    """``,D=0``: a delivery records that no line starts with "."; RETR trusts it only in a
+    name of mailgate's own form."""
+
+    def deliver_chunks(self, *chunks: bytes) -> str:
+        sink = self.store.open_delivery(Envelope(None, (ALICE,)))
+        for chunk in chunks:
+            sink.write(chunk)
+        self.successResultOf(sink.finish())
+
+        def counter(name: str) -> int:
+            m = NAME_Q.search(name)
+            assert m, name
+            return int(m.group(1))
+
+        return max(os.listdir(self.maildir() / "new"), key=counter)
+
+    def test_a_delivery_records_whether_any_line_starts_with_a_dot(self) -> None:
+        assert self.deliver_chunks(b"Subject: x\n\nno dot lines. at all.\n").endswith(",D=0")
+        assert not self.deliver_chunks(b"Subject: x\n\n.dot\n").endswith(",D=0")
+        assert not self.deliver_chunks(b"Subject: x\n\nend\n", b".dot\n").endswith(",D=0")
+        assert not self.deliver_chunks(b"Subject: x\r\n\r\nend\r", b".dot\r").endswith(",D=0")
+
+    def test_a_large_spooled_delivery_records_it_too(self) -> None:
+        line = b"x" * 99 + b"\n"
+        clean = line * (MEMORY_LIMIT // len(line) + 10)
+        assert self.deliver_chunks(clean).endswith(",D=0")
+        assert not self.deliver_chunks(clean, b".\n", clean).endswith(",D=0")
+
+    def test_the_maildrop_trusts_the_mark_only_in_its_own_names(self) -> None:
+        self.deliver(b"Subject: clean\n\nbody\n")
+        self.deliver(b"Subject: dotted\n\n.body\n")
+        self.drop_foreign("cur", "1700000000.other,S=5,W=6,D=0:2,", b"x\n.\n")
+        drop = self.open()
+        by_subject = {}
+        for i, _ in enumerate(drop.messages):
+            with drop.open_message(i) as f:
+                by_subject[f.read().split(b"\n", 1)[0]] = drop.may_have_dot_lines(i)
+        drop.release()
+        assert by_subject == {b"Subject: clean": False, b"Subject: dotted": True, b"x": True}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailgate.wire import WireEncoder, encode_all, wire_size_of_file
+from mailgate.wire import WireEncoder, encode_all, starts_dot_line, wire_size_of_file
 
 
 def test_first_line_dot_is_stuffed() -> None:
@@ -96,3 +96,32 @@ def test_large_lf_chunk_with_and_without_dot_lines() -> None:
     assert enc.feed(body) == body.replace(b"\n", b"\r\n")
     assert enc.feed(b"x\n.dot\n") == b"x\r\n..dot\r\n"
     assert enc.feed(b".\n") == b"..\r\n"  # the previous chunk ended a line
+
+
+def _dot_lines_seen(chunks: list[bytes]) -> bool:
+    previous = b""
+    seen = False
+    for chunk in chunks:
+        seen = seen or starts_dot_line(chunk, previous)
+        previous = chunk[-1:] or previous
+    return seen
+
+
+@given(_MAILISH, st.integers(min_value=1, max_value=9))
+def test_a_message_without_dot_lines_needs_no_stuffing(data: bytes, size: int) -> None:
+    """What a delivery records (``,D=0``) is exactly when RETR may skip stuffing: chunk by
+    chunk, starts_dot_line finds a dot line whenever stuffing would change the wire bytes."""
+    chunks = [data[i : i + size] for i in range(0, len(data), size)]
+    if not _dot_lines_seen(chunks):
+        assert encode_all([data], stuff=False) == encode_all([data])
+
+
+def test_dot_lines_under_every_line_end() -> None:
+    assert starts_dot_line(b".first", b"")
+    assert starts_dot_line(b"a\n.b", b"x")
+    assert starts_dot_line(b"a\r\n.b", b"x")
+    assert starts_dot_line(b"a\r.b", b"x")  # a bare CR ends a line too
+    assert starts_dot_line(b".b", b"\n")  # the line began in the previous chunk
+    assert starts_dot_line(b".b", b"\r")
+    assert not starts_dot_line(b".b", b"a")
+    assert not starts_dot_line(b"end of sentence. next\n", b"")

@@ -280,11 +280,13 @@ class MessageStream:
         top_lines: int | None,
         done: Callable[[bool], None],
         chunk_size: int = CHUNK_SIZE,
+        stuff: bool = True,
     ) -> None:
         self._source = source
         self._prefix = status
         self._consumer = consumer
-        self._encoder = WireEncoder(stuff=True)
+        # stuff=False only for a message known to have no line starting with ".".
+        self._encoder = WireEncoder(stuff=stuff)
         self._limiter = TopLimiter(top_lines) if top_lines is not None else None
         self._done = done
         self._chunk_size = chunk_size
@@ -965,7 +967,12 @@ class Pop3Server(Protocol, ClockedTimeout):
         self._busy = True
         consumer = cast(IConsumer, self.transport)
         stream = self._stream = MessageStream(
-            source, status, consumer, top_lines, self._stream_done
+            source,
+            status,
+            consumer,
+            top_lines,
+            self._stream_done,
+            stuff=self._maildrop.may_have_dot_lines(index),
         )
         if self._messages[index].size < CHUNK_SIZE:
             # Fits one read: reply, message and "." in one write, no producer round trip
