@@ -22,9 +22,10 @@ def stdout_fd() -> int:
     return sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
 
 
-#: syncfs(2) reports write-back errors from Linux 5.8 on; before that it returned 0
+#: syncfs(2) reports data write-back errors from Linux 5.8 on and errors of the
+#: filesystem's own commit (journal, log) from 5.17 on; before that it could return 0
 #: whatever happened, which is no basis for an acknowledgement.
-SYNCFS_MIN_LINUX = (5, 8)
+SYNCFS_MIN_LINUX = (5, 17)
 
 
 def syncfs_function(
@@ -56,3 +57,21 @@ def syncfs_function(
             raise OSError(err, os.strerror(err))
 
     return syncfs
+
+
+class _StatFs(ctypes.Structure):
+    # Only the first field is read; the buffer is larger than any struct statfs.
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 256)]
+
+
+def filesystem_type(fd: int) -> int | None:
+    """statfs(2) ``f_type`` of the filesystem holding ``fd`` (None where unknown)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fstatfs = libc.fstatfs
+    except (OSError, AttributeError):
+        return None
+    buf = _StatFs()
+    if fstatfs(fd, ctypes.byref(buf)) != 0:
+        return None
+    return int(buf.f_type) & 0xFFFFFFFF

@@ -23,6 +23,9 @@ from mailgate.testing import HeldRunner
 from tests.test_maildir import ALICE, BOB, MaildirTestCase
 from tests.test_store_contract import failure_of
 
+EXT4 = 0xEF53
+TMPFS = 0x01021994
+
 
 class FakeClock:
     def __init__(self) -> None:
@@ -88,6 +91,7 @@ def adaptive_flush(
         slow=0.025,
         retry=1.0,
         start_probe=probes,
+        fs_type=lambda fd: EXT4,
     )
     return flush, syncfs, clock, probes
 
@@ -149,7 +153,13 @@ def test_the_filesystem_mode_never_falls_back() -> None:
 
 @pytest.mark.parametrize(
     ("sysname", "release"),
-    [("Linux", "5.7.19"), ("Linux", "4.19.0-25-amd64"), ("Darwin", "23.1.0"), ("Linux", "x")],
+    [
+        ("Linux", "5.16.20"),  # syncfs did not yet report the journal commit's errors
+        ("Linux", "5.7.19"),
+        ("Linux", "4.19.0-25-amd64"),
+        ("Darwin", "23.1.0"),
+        ("Linux", "x"),
+    ],
 )
 def test_no_syncfs_where_it_cannot_report_errors(sysname: str, release: str) -> None:
     assert fileio.syncfs_function(sysname, release) is None
@@ -209,12 +219,14 @@ class SyncfsGroupCommitTests(MaildirTestCase):
         self.clock = FakeClock()
         self.syncfs = RecordingSyncfs(self.clock)
         self.probes = HeldProbes()
+        self.fs_type = EXT4
         self.flush = FilesystemFlush(
             self.syncfs,
             adaptive=True,
             probe_path=str(self.base),
             clock=self.clock,
             start_probe=self.probes,
+            fs_type=lambda fd: self.fs_type,
         )
         return MaildirStore(
             str(self.root),
@@ -288,6 +300,16 @@ class SyncfsGroupCommitTests(MaildirTestCase):
         assert [p.read_bytes() for p in (self.maildir(BOB) / "new").iterdir()] == [b"warm up\n"]
         assert os.listdir(self.maildir() / "tmp") == []
 
+    def test_a_filesystem_not_known_to_honour_syncfs_gets_per_file_fsyncs(self) -> None:
+        self.warm_up()
+        self.fs_type = TMPFS  # say, FUSE or NFS: syncfs may not reach the backing store
+        self.flush._covered.clear()
+        d = self.start(b"one\n")
+        self.runner.run_one()
+        self.successResultOf(d)
+        assert self.syncfs.calls == []
+        assert self.fsync.calls == 2  # the file and new/
+
     def test_after_a_slow_syncfs_groups_use_per_file_fsyncs_until_it_is_fast(self) -> None:
         self.warm_up()
         self.syncfs.takes = 0.5
@@ -337,3 +359,47 @@ def test_the_default_probe_runs_in_a_thread_of_its_own(tmp_path: Path) -> None:
     probe.join(timeout=10)
     assert probed == ["mailgate-syncfs-probe"]
     assert flush.active()
+
+
+def test_a_probe_that_cannot_start_is_tried_again_later(tmp_path: Path) -> None:
+    clock = FakeClock()
+    syncfs = RecordingSyncfs(clock)
+    starts: list[object] = []
+
+    def no_threads(probe: Callable[[], None]) -> None:
+        starts.append(probe)
+        raise RuntimeError("can't start new thread")
+
+    flush = FilesystemFlush(
+        syncfs, adaptive=True, probe_path=str(tmp_path), clock=clock, start_probe=no_threads
+    )
+    syncfs.takes = 1.0
+    flush.flush([5])
+    clock.now += 5
+    with capturedLogs() as events:
+        assert not flush.active()  # no exception reaches the group commit
+    assert len(starts) == 1
+    assert any("cannot start the syncfs probe" in str(e["log_format"]) for e in events)
+    assert not flush.active()
+    assert len(starts) == 1  # not at once ...
+    clock.now += 2
+    assert not flush.active()
+    assert len(starts) == 2  # ... but a retry later
+
+
+def test_the_filesystem_type_is_read_and_kept_per_device(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    def fs_type(fd: int) -> int:
+        seen.append(fd)
+        return EXT4
+
+    flush = FilesystemFlush(lambda fd: None, adaptive=True, fs_type=fs_type)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        assert flush.covers(fd) and flush.covers(fd)
+        assert isinstance(fileio.filesystem_type(fd), int)  # the real statfs answers
+    finally:
+        os.close(fd)
+    assert len(seen) == 1
+    assert fileio.filesystem_type(-1) is None

@@ -20,9 +20,11 @@ from twisted.trial import unittest
 from mailgate.errors import DeliveryError, MaildropInUse, MaildropUnavailable
 from mailgate.interfaces import IMaildrop
 from mailgate.model import Address, Envelope
-from mailgate.store.maildir import MEMORY_LIMIT, MaildirStore
+from mailgate.pop3.server import CHUNK_SIZE, MessageStream
+from mailgate.store.maildir import MEMORY_LIMIT, MaildirStore, _Scanner
 from mailgate.testing import HeldRunner
 from mailgate.wire import encode_all
+from tests.test_pop3_stream import Consumer
 from tests.test_store_contract import failure_of, run_sync, temp_dir
 
 ALICE = Address("alice", "example.org")
@@ -968,3 +970,42 @@ class DotLineTests(MaildirTestCase):
                 by_subject[f.read().split(b"\n", 1)[0]] = drop.may_have_dot_lines(i)
         drop.release()
         assert by_subject == {b"Subject: clean": False, b"Subject: dotted": True, b"x": True}
+
+    def test_retr_sends_marked_and_unmarked_messages_exactly(self) -> None:
+        line = b"Some text. More text, and a dot.\n"
+        clean = b"Subject: clean\n\n" + line * (3 * CHUNK_SIZE // len(line))
+        dotted = clean + b".dot line\n" + clean
+        self.deliver(clean)
+        self.deliver(dotted)
+        drop = self.open()
+        for i, data in enumerate([clean, dotted]):
+            consumer = Consumer()
+            done: list[bool] = []
+            stream = MessageStream(
+                drop.open_message(i),
+                b"+OK\r\n",
+                consumer,  # type: ignore[arg-type]
+                None,
+                done.append,
+                stuff=drop.may_have_dot_lines(i),
+            )
+            while not done:
+                stream.resumeProducing()
+            assert b"".join(consumer.writes) == b"+OK\r\n" + encode_all([data]) + b".\r\n"
+        assert [drop.may_have_dot_lines(i) for i in range(2)] == [False, True]
+        drop.release()
+
+    def test_a_login_reads_marked_names_without_examining_them(self) -> None:
+        self.deliver(b"Subject: clean\n\nbody\n")
+        examined: list[str] = []
+        real = _Scanner._examine
+
+        def examine(scanner: _Scanner, sub: str, name: str, now: float) -> Any:
+            examined.append(name)
+            return real(scanner, sub, name, now)
+
+        patch(self, _Scanner, "_examine", examine)
+        drop = self.open()
+        assert len(drop.messages) == 1
+        assert examined == []  # the inline fast path took ",W=<n>,D=0"
+        drop.release()

@@ -11,10 +11,12 @@ import socket
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 
+from mailgate.limits import POP3_REFUSAL, LimitSettings, guard
 from mailgate.pop3 import Pop3Factory, Pop3Settings
 from tests.test_pop3_server import make_portal, with_messages
 
@@ -135,4 +137,37 @@ def test_a_queued_reply_is_sent_before_the_close() -> None:
     assert why is not None  # Twisted's "written out, now close"
     server.connectionLost(Failure(why))  # type: ignore[no-untyped-call]
     assert read_to_eof(peer) == b"+OK\r\n+OK mail.example.com signing off\r\n"
+    peer.close()
+
+
+def test_quit_through_the_listener_wrappers_closes_at_once_and_uncounts() -> None:
+    """The limiter and the line watchdog sit between the protocol and the socket in
+    service; an immediate close must still pass through them (count, timers)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        peer = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    ours.setblocking(False)
+    peer.settimeout(5)
+    reactor = Reactor()
+    settings = Pop3Settings(hostname="mail.example.com", allow_plaintext=lambda host: True)
+    limiter: Any = guard(
+        Pop3Factory(make_portal(with_messages(MSG)), settings, reactor),
+        LimitSettings(),
+        reactor,
+        refuse_reply=POP3_REFUSAL,
+    )
+    address = IPv4Address("TCP", "127.0.0.1", 40000)
+    outer: Any = limiter.buildProtocol(address)
+    server = tcp.Server(ours, outer, ("127.0.0.1", 40000), None, 1, reactor)  # type: ignore[arg-type]
+    outer.makeConnection(server)
+    assert limiter.open == 1
+    assert reactor.getDelayedCalls()  # the session's idle timer
+    outer.dataReceived(b"QUIT\r\n")
+    assert not server.connected
+    assert limiter.open == 0
+    assert outer.disconnecting  # as ProtocolWrapper.loseConnection would have marked it
+    assert not [c for c in reactor.getDelayedCalls() if c.active()]
+    assert read_to_eof(peer).startswith(b"+OK mail.example.com POP3 server ready")
     peer.close()

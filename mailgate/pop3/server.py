@@ -959,6 +959,7 @@ class Pop3Server(Protocol, ClockedTimeout):
     def _start_stream(self, index: int, top_lines: int | None, status: bytes) -> None:
         assert self._maildrop is not None
         try:
+            stuff = self._maildrop.may_have_dot_lines(index)
             source = self._maildrop.open_message(index)
         except Exception:
             log.failure("POP3 could not open message {n}", n=index + 1)
@@ -972,7 +973,7 @@ class Pop3Server(Protocol, ClockedTimeout):
             consumer,
             top_lines,
             self._stream_done,
-            stuff=self._maildrop.may_have_dot_lines(index),
+            stuff=stuff,
         )
         if self._messages[index].size < CHUNK_SIZE:
             # Fits one read: reply, message and "." in one write, no producer round trip

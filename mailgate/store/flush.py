@@ -24,12 +24,21 @@ from collections.abc import Callable, Iterable
 
 from twisted.logger import Logger
 
+from mailgate.fileio import filesystem_type
+
 _log = Logger()
 
 #: A syncfs this slow (seconds) means someone else's backlog: per-file fsyncs for a while.
 SLOW = 0.025
 #: Seconds between two probes while on per-file fsyncs.
 RETRY = 1.0
+
+
+#: Filesystems (statfs f_type) whose syncfs writes back and commits everything an fsync of
+#: each file and directory would: ext2/3/4, XFS, Btrfs, F2FS. Not FUSE (only virtiofs
+#: passes syncfs to its daemon), NFS or CIFS (an fsync there is a request to the server,
+#: a syncfs may not be), nor anything unknown: those keep per-file fsyncs.
+FILESYSTEMS = frozenset({0xEF53, 0x58465342, 0x9123683E, 0xF2F52010})
 
 
 def _in_daemon_thread(probe: Callable[[], None]) -> None:
@@ -50,6 +59,7 @@ class FilesystemFlush:
         slow: float = SLOW,
         retry: float = RETRY,
         start_probe: Callable[[Callable[[], None]], None] = _in_daemon_thread,
+        fs_type: Callable[[int], int | None] = filesystem_type,
     ) -> None:
         self._syncfs = syncfs
         self.adaptive = adaptive
@@ -58,18 +68,37 @@ class FilesystemFlush:
         self._slow = slow
         self._retry = retry
         self._start_probe = start_probe
+        self._fs_type = fs_type
+        self._covered: dict[int, bool] = {}
         self._per_file = False
         self._probing = False
         self._next_probe = 0.0
 
     def active(self) -> bool:
-        """Whether the next group should use syncfs (else per-file fsyncs)."""
+        """Whether the next group should use syncfs (else per-file fsyncs). Never raises."""
         if not self._per_file:
             return True
         if not self._probing and self._clock() >= self._next_probe:
             self._probing = True
-            self._start_probe(self._probe)
+            try:
+                self._start_probe(self._probe)
+            except Exception as e:  # e.g. no thread to be had: try again later
+                self._probing = False
+                self._next_probe = self._clock() + self._retry
+                _log.warn("cannot start the syncfs probe: {error}", error=e)
         return False
+
+    def covers(self, fd: int) -> bool:
+        """Whether syncfs is known to make ``fd``'s filesystem durable (see FILESYSTEMS);
+        the answer is kept per device."""
+        try:
+            device = os.fstat(fd).st_dev
+        except OSError:
+            return False
+        known = self._covered.get(device)
+        if known is None:
+            known = self._covered[device] = self._fs_type(fd) in FILESYSTEMS
+        return known
 
     def flush(self, fds: Iterable[int]) -> None:
         """syncfs each fd's filesystem (one fd per filesystem); OSError if any fails."""
@@ -100,7 +129,8 @@ class FilesystemFlush:
             try:
                 start = self._clock()
                 self._syncfs(fd)
-                fast = self._clock() - start <= self._slow
+                # Half the threshold to come back: no flapping on a disk near it.
+                fast = self._clock() - start <= self._slow / 2
             finally:
                 os.close(fd)
         except OSError:

@@ -533,6 +533,8 @@ def _wire_of(base: str) -> int | None:
     i = base.rfind(",W=")
     if i >= 0:
         digits = base[i + 3 :]
+        if digits.endswith(DOT_FREE):
+            digits = digits[: -len(DOT_FREE)]
         if digits.isdigit() and digits.isascii():
             return int(digits)
     return size_field(base, "W")
@@ -650,12 +652,14 @@ class _Scanner:
                 key = prefix + name
                 entry = known.get(key)
                 if entry is None:
-                    # The usual name, "<10-digit secs>.<...>,W=<digits>[:<flags>]", inline
-                    # and without a stat: a call per message was a fifth of a first login
-                    # on a big maildrop. Anything else (foreign names): _examine.
+                    # The usual name, "<10-digit secs>.<...>,W=<digits>[,D=0][:<flags>]",
+                    # inline and without a stat: a call per message was a fifth of a first
+                    # login on a big maildrop. Anything else (foreign names): _examine.
                     base = name.partition(":")[0] if ":" in name else name
                     i = base.rfind(",W=")
                     digits = base[i + 3 :]
+                    if digits.endswith(",D=0"):
+                        digits = digits[:-4]
                     if (
                         i > 10
                         and base[10] == "."
@@ -1041,6 +1045,8 @@ def _commit_group(
         store.forget_maildirs()
         results[i] = e
 
+    flush = store.group_flush
+    by_filesystem = flush is not None and flush.active()
     for i, (delivery, data, wire) in enumerate(jobs):
         item = _Staged(delivery)
         try:
@@ -1049,8 +1055,11 @@ def _commit_group(
             fail(i, item, e)
             continue
         live.append((i, item))
-    flush = store.group_flush
-    if flush is not None and flush.active():
+    if (
+        flush is not None
+        and by_filesystem
+        and all(flush.covers(fd) for _, item in live for fd in item.fds)
+    ):
         live = _durable_by_filesystem(live, flush, fail)
     else:
         live = _durable_by_file(store, live, fail)
@@ -1115,7 +1124,9 @@ def _durable_by_filesystem(
     """One syncfs per filesystem for the copies, rename, one more for the renames.
 
     A failed syncfs cannot say whose data it lost, so it fails the whole group. The
-    filesystems are held by duplicated fds: a failing item closes its own.
+    filesystems are held by duplicated fds: a failing item closes its own. The copies'
+    own fds are closed before the first syncfs, and an error from that close (where a
+    filesystem reports a failed write there) fails its message.
     """
     per_fs: dict[int, int] = {}
     try:
@@ -1124,18 +1135,32 @@ def _durable_by_filesystem(
                 device = os.fstat(fd).st_dev
                 if device not in per_fs:
                     per_fs[device] = os.dup(fd)
-        for _, item in live:
-            item.close()
+        still: list[tuple[int, _Staged]] = []
+        for i, item in live:
+            fds, item.fds = item.fds, []
+            try:
+                for n, fd in enumerate(fds):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        item.fds = fds[n + 1 :]
+                        raise
+            except OSError as e:
+                fail(i, item, e)
+                continue
+            still.append((i, item))
+        live = still
         flush.flush(per_fs.values())
         live = _rename_all(live, fail)
         flush.flush(per_fs.values())
-    except OSError as e:
+    except Exception as e:
         for i, item in live:
             fail(i, item, e)
         return []
     finally:
         for fd in per_fs.values():
-            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
     return live
 
 
