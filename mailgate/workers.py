@@ -43,7 +43,7 @@ from mailgate.fileio import stdout_fd
 from mailgate.logsink import CHECK_INTERVAL, LOG_ENV, worker_observer
 from mailgate.session import log_line
 
-log = Logger()
+log = Logger(namespace="mailgate.workers")  # also when run as __main__ (a worker)
 
 #: First file descriptor number the listening sockets get in a child.
 FIRST_FD = 3
@@ -338,10 +338,33 @@ def worker_main(argv: Sequence[str]) -> int:
             reactor.callFromThread(follow_rotation)
 
     signal.signal(signal.SIGUSR1, on_usr1)
+    reactor.callWhenRunning(_stop_once_on_signals, reactor)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
     return 0
+
+
+def _stop_once_on_signals(reactor: Any) -> None:
+    """SIGTERM and SIGINT stop the reactor once; repeats are ignored.
+
+    A worker often gets two: Ctrl-C or a service manager signals the whole process group
+    (or cgroup), and the master then passes its own SIGTERM on. Twisted's handler would call
+    ``reactor.stop()`` again and log ReactorNotRunning as a critical error.
+    """
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        name = signal.Signals(signum).name
+        reactor.callFromThread(log.info, "received {signal}, shutting down", signal=name)
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 if __name__ == "__main__":

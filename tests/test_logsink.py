@@ -446,3 +446,35 @@ def test_a_daemon_and_its_workers_log_to_twistd_log(tmp_path: Path) -> None:
         while pidfile.exists() and time.monotonic() < deadline + 30:
             time.sleep(0.05)
     assert "Traceback" not in log.read_text()
+
+
+def test_a_signal_to_the_whole_process_group_stops_every_process_once(tmp_path: Path) -> None:
+    """Ctrl-C or a service manager signals master and workers together, and the master
+    passes its SIGTERM on: a worker gets two and must stop once, without a traceback."""
+    state = alice_state(tmp_path)
+    pop3 = free_port()
+    out = tmp_path / "stdout.log"
+    with out.open("ab") as stdout:
+        proc = subprocess.Popen(
+            twistd_command(*two_workers(state, pop3)),
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env={k: v for k, v in os.environ.items() if k != LOG_ENV},
+            start_new_session=True,
+        )
+    try:
+        wait_for_ports(proc, [pop3], out)
+        deadline = time.monotonic() + 30
+        while "[worker " not in out.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=40) in (0, -signal.SIGTERM)  # twistd re-raises its signal
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = out.read_text()
+    assert "Traceback" not in text and "ReactorNotRunning" not in text
+    assert "ended without apparent errors" in text  # the worker's exit, seen by the master
+    assert "[worker " in text and "received SIGTERM, shutting down" in text
