@@ -333,6 +333,22 @@ def two_workers(state: Path, pop3: int) -> list[str]:
     ]
 
 
+def start_to(
+    out: Path, argv: list[str], cwd: Path, env: dict[str, str], new_group: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start a server with stdout and stderr appended to ``out``; ``new_group``: in a
+    process group of its own, so a test can signal all of it."""
+    with out.open("ab") as stdout:
+        return subprocess.Popen(
+            argv,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=new_group,
+        )
+
+
 def ended(log: Path) -> str:
     """The session-end lines of a log."""
     return "\n".join(line for line in log.read_text().splitlines() if "ended by QUIT" in line)
@@ -397,14 +413,7 @@ def test_workers_write_to_the_masters_stdout_with_nodaemon(tmp_path: Path) -> No
     pop3 = free_port()
     out = tmp_path / "stdout.log"
     env = {k: v for k, v in os.environ.items() if k not in (LOG_ENV, "PYTHONUNBUFFERED")}
-    with out.open("ab") as stdout:
-        proc = subprocess.Popen(
-            twistd_command(*two_workers(state, pop3)),
-            stdout=stdout,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-            env=env,
-        )
+    proc = start_to(out, twistd_command(*two_workers(state, pop3)), tmp_path, env)
     try:
         wait_for_ports(proc, [pop3], out)
         pop3_session_until_a_worker_logs(pop3, out, time.monotonic() + 30)
@@ -454,15 +463,8 @@ def test_a_signal_to_the_whole_process_group_stops_every_process_once(tmp_path: 
     state = alice_state(tmp_path)
     pop3 = free_port()
     out = tmp_path / "stdout.log"
-    with out.open("ab") as stdout:
-        proc = subprocess.Popen(
-            twistd_command(*two_workers(state, pop3)),
-            stdout=stdout,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-            env={k: v for k, v in os.environ.items() if k != LOG_ENV},
-            start_new_session=True,
-        )
+    env = {k: v for k, v in os.environ.items() if k != LOG_ENV}
+    proc = start_to(out, twistd_command(*two_workers(state, pop3)), tmp_path, env, new_group=True)
     try:
         wait_for_ports(proc, [pop3], out)
         deadline = time.monotonic() + 30

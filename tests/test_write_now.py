@@ -29,7 +29,8 @@ class Reactor(MemoryReactor, Clock):
         Clock.__init__(self)
 
 
-def connect() -> tuple[tcp.Server, Any, socket.socket, Reactor]:
+def socket_pair() -> tuple[socket.socket, socket.socket]:
+    """A loopback connection: our end (non-blocking, for a tcp.Server) and the peer's."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
@@ -37,10 +38,18 @@ def connect() -> tuple[tcp.Server, Any, socket.socket, Reactor]:
         ours, _ = listener.accept()
     ours.setblocking(False)
     peer.settimeout(5)
-    reactor = Reactor()
+    return ours, peer
+
+
+def pop3_factory(reactor: Reactor) -> Pop3Factory:
     settings = Pop3Settings(hostname="mail.example.com", allow_plaintext=lambda host: True)
-    factory = Pop3Factory(make_portal(with_messages(MSG)), settings, reactor)
-    protocol: Any = factory.buildProtocol(None)
+    return Pop3Factory(make_portal(with_messages(MSG)), settings, reactor)
+
+
+def connect() -> tuple[tcp.Server, Any, socket.socket, Reactor]:
+    ours, peer = socket_pair()
+    reactor = Reactor()
+    protocol: Any = pop3_factory(reactor).buildProtocol(None)
     server = tcp.Server(ours, protocol, ("127.0.0.1", 40000), None, 1, reactor)  # type: ignore[arg-type]
     protocol.makeConnection(server)
     return server, protocol, peer, reactor
@@ -143,17 +152,10 @@ def test_a_queued_reply_is_sent_before_the_close() -> None:
 def test_quit_through_the_listener_wrappers_closes_at_once_and_uncounts() -> None:
     """The limiter and the line watchdog sit between the protocol and the socket in
     service; an immediate close must still pass through them (count, timers)."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        peer = socket.create_connection(listener.getsockname())
-        ours, _ = listener.accept()
-    ours.setblocking(False)
-    peer.settimeout(5)
+    ours, peer = socket_pair()
     reactor = Reactor()
-    settings = Pop3Settings(hostname="mail.example.com", allow_plaintext=lambda host: True)
     limiter: Any = guard(
-        Pop3Factory(make_portal(with_messages(MSG)), settings, reactor),
+        pop3_factory(reactor),
         LimitSettings(),
         reactor,
         refuse_reply=POP3_REFUSAL,
