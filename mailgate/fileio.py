@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -20,6 +22,15 @@ def write_all(fd: int, data: bytes) -> None:
 def stdout_fd() -> int:
     """The process's real standard output (twistd replaces ``sys.stdout`` with a logger)."""
     return sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+
+
+@functools.cache
+def _libc_function(name: str) -> Any:
+    """A function of the C library (ctypes; os has neither syncfs nor fstatfs), or None."""
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
 
 
 #: syncfs(2) reports data write-back errors from Linux 5.8 on and errors of the
@@ -43,10 +54,8 @@ def syncfs_function(
         return None
     if (int(version[1]), int(version[2])) < SYNCFS_MIN_LINUX:
         return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        c_syncfs = libc.syncfs
-    except (OSError, AttributeError):
+    c_syncfs = _libc_function("syncfs")
+    if c_syncfs is None:
         return None
     c_syncfs.argtypes = [ctypes.c_int]
     c_syncfs.restype = ctypes.c_int
@@ -66,10 +75,8 @@ class _StatFs(ctypes.Structure):
 
 def filesystem_type(fd: int) -> int | None:
     """statfs(2) ``f_type`` of the filesystem holding ``fd`` (None where unknown)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fstatfs = libc.fstatfs
-    except (OSError, AttributeError):
+    fstatfs = _libc_function("fstatfs")
+    if fstatfs is None:
         return None
     buf = _StatFs()
     if fstatfs(fd, ctypes.byref(buf)) != 0:

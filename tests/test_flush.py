@@ -397,7 +397,8 @@ def test_the_filesystem_type_is_read_and_kept_per_device(tmp_path: Path) -> None
     flush = FilesystemFlush(lambda fd: None, adaptive=True, fs_type=fs_type)
     fd = os.open(tmp_path, os.O_RDONLY)
     try:
-        assert flush.covers(fd) and flush.covers(fd)
+        device = os.fstat(fd).st_dev
+        assert flush.covers(device, fd) and flush.covers(device, fd)
         assert isinstance(fileio.filesystem_type(fd), int)  # the real statfs answers
     finally:
         os.close(fd)

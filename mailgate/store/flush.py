@@ -88,13 +88,9 @@ class FilesystemFlush:
                 _log.warn("cannot start the syncfs probe: {error}", error=e)
         return False
 
-    def covers(self, fd: int) -> bool:
-        """Whether syncfs is known to make ``fd``'s filesystem durable (see FILESYSTEMS);
-        the answer is kept per device."""
-        try:
-            device = os.fstat(fd).st_dev
-        except OSError:
-            return False
+    def covers(self, device: int, fd: int) -> bool:
+        """Whether syncfs is known to make ``device`` (``fd`` is open on it) durable (see
+        FILESYSTEMS); the answer is kept per device."""
         known = self._covered.get(device)
         if known is None:
             known = self._covered[device] = self._fs_type(fd) in FILESYSTEMS

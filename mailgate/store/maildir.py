@@ -658,8 +658,8 @@ class _Scanner:
                     base = name.partition(":")[0] if ":" in name else name
                     i = base.rfind(",W=")
                     digits = base[i + 3 :]
-                    if digits.endswith(",D=0"):
-                        digits = digits[:-4]
+                    if digits.endswith(DOT_FREE):
+                        digits = digits[: -len(DOT_FREE)]
                     if (
                         i > 10
                         and base[10] == "."
@@ -1055,12 +1055,13 @@ def _commit_group(
             fail(i, item, e)
             continue
         live.append((i, item))
+    per_fs = _one_fd_per_filesystem(live) if flush is not None and by_filesystem else None
     if (
         flush is not None
-        and by_filesystem
-        and all(flush.covers(fd) for _, item in live for fd in item.fds)
+        and per_fs is not None
+        and all(flush.covers(device, fd) for device, fd in per_fs.items())
     ):
-        live = _durable_by_filesystem(live, flush, fail)
+        live = _durable_by_filesystem(live, flush, fail, per_fs)
     else:
         live = _durable_by_file(store, live, fail)
     for i, item in live:
@@ -1118,47 +1119,57 @@ def _durable_by_file(
     return still
 
 
-def _durable_by_filesystem(
-    live: list[tuple[int, _Staged]], flush: FilesystemFlush, fail: _Fail
-) -> list[tuple[int, _Staged]]:
-    """One syncfs per filesystem for the copies, rename, one more for the renames.
-
-    A failed syncfs cannot say whose data it lost, so it fails the whole group. The
-    filesystems are held by duplicated fds: a failing item closes its own. The copies'
-    own fds are closed before the first syncfs, and an error from that close (where a
-    filesystem reports a failed write there) fails its message.
-    """
+def _one_fd_per_filesystem(live: list[tuple[int, _Staged]]) -> dict[int, int] | None:
+    """Device -> one of the group's open copies on it; None if one cannot be stat'ed."""
     per_fs: dict[int, int] = {}
     try:
         for _, item in live:
             for fd in item.fds:
-                device = os.fstat(fd).st_dev
-                if device not in per_fs:
-                    per_fs[device] = os.dup(fd)
+                per_fs.setdefault(os.fstat(fd).st_dev, fd)
+    except OSError:
+        return None
+    return per_fs
+
+
+def _durable_by_filesystem(
+    live: list[tuple[int, _Staged]],
+    flush: FilesystemFlush,
+    fail: _Fail,
+    copies_per_fs: dict[int, int],
+) -> list[tuple[int, _Staged]]:
+    """One syncfs per filesystem for the copies, rename, one more for the renames.
+
+    A failed syncfs cannot say whose data it lost, so it fails the whole group. The
+    filesystems are held by duplicates of ``copies_per_fs``: a failing item closes its
+    own fds. The copies' fds are closed before the first syncfs, and an error from that
+    close (where a filesystem reports a failed write there) fails its message.
+    """
+    held: list[int] = []
+    try:
+        held = [os.dup(fd) for fd in copies_per_fs.values()]
         still: list[tuple[int, _Staged]] = []
         for i, item in live:
             fds, item.fds = item.fds, []
-            try:
-                for n, fd in enumerate(fds):
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        item.fds = fds[n + 1 :]
-                        raise
-            except OSError as e:
-                fail(i, item, e)
-                continue
-            still.append((i, item))
+            error: OSError | None = None
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError as e:
+                    error = error or e
+            if error is not None:
+                fail(i, item, error)
+            else:
+                still.append((i, item))
         live = still
-        flush.flush(per_fs.values())
+        flush.flush(held)
         live = _rename_all(live, fail)
-        flush.flush(per_fs.values())
+        flush.flush(held)
     except Exception as e:
         for i, item in live:
             fail(i, item, e)
         return []
     finally:
-        for fd in per_fs.values():
+        for fd in held:
             with contextlib.suppress(OSError):
                 os.close(fd)
     return live
