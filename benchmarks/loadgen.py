@@ -17,7 +17,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from benchmarks import clients
+from benchmarks import clients, scripted
 from benchmarks.procstat import self_cpu
 
 OP_TIMEOUT = 120.0
@@ -83,34 +83,21 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-async def _one_op(job: Job, index: int, tls: Any) -> int:
-    """One operation; returns how many units it counted (messages for submissions)."""
+def _script(job: Job, index: int) -> list[scripted.Step]:
+    """The steps of one operation of client ``index``."""
     user, password = job.users[index % len(job.users)] if job.users else ("", "")
     if job.kind == "pop3_session":
-        c = await clients.pop3_login(job.port, user, password, tls)
-        await clients.pop3_stat(c)
-        await clients.pop3_multi(c, b"UIDL")
-        for i in range(1, job.nretr + 1):
-            await clients.pop3_multi(c, b"RETR %d" % i)
-        await clients.pop3_quit(c)
-        return 1
+        return scripted.pop3_session(user, password, job.nretr)
     if job.kind == "smtp_submit":
-        c = await clients.smtp_login(job.port, user, password, tls)
-        for _ in range(job.per_conn):
-            await clients.smtp_send(c, user, job.rcpt, job.body)
-        await clients.smtp_quit(c)
-        return job.per_conn
+        return scripted.smtp_submission(user, password, job.rcpt, job.body, job.per_conn)
     if job.kind == "tls_handshake":
-        c = await clients.Conn.open(job.port, tls)  # open_connection completes the handshake
-        if job.proto == "pop3":
-            await clients.pop3_ok(c)
-            await clients.pop3_cmd(c, b"QUIT")
-        else:
-            await clients.smtp_reply(c, 220)
-            await clients.smtp_cmd(c, b"QUIT", 221)
-        await c.close()
-        return 1
+        return scripted.greeting_and_quit(job.proto)
     raise ValueError(job.kind)
+
+
+#: Units one operation counts: messages for a submission, else one (session, handshake).
+def _units(job: Job) -> int:
+    return job.per_conn if job.kind == "smtp_submit" else 1
 
 
 async def _worker(
@@ -119,13 +106,14 @@ async def _worker(
     tls = clients.client_tls() if job.tls else None
     state: dict[str, Any] = {"ops": 0, "errors": 0, "first_error": ""}
 
+    units = _units(job)
+
     async def client(index: int) -> None:
+        steps = _script(job, index)
         while time.monotonic() < deadline and state["ops"] < cap:
             try:
-                # Not `state["ops"] += await ...`: that reads the counter before the await
-                # and writes it back after, losing every op another client counted meanwhile.
-                done = await asyncio.wait_for(_one_op(job, index, tls), OP_TIMEOUT)
-                state["ops"] += done
+                await scripted.run_session(job.port, steps, tls, OP_TIMEOUT)
+                state["ops"] += units
             except (OSError, clients.ProtocolError, TimeoutError, asyncio.IncompleteReadError) as e:
                 state["errors"] += 1
                 if not state["first_error"]:
