@@ -22,6 +22,7 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_STRING = re.compile(rf"^{_ATEXT}+(\.{_ATEXT}+)*\Z")
 _QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
 _ADDRESS_LITERAL = re.compile(r"^\[[\x21-\x5a\x5e-\x7e]+\]\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, order=True)
@@ -43,7 +44,7 @@ class Address:
         """
         if not text or len(text) > 254:
             raise AddressError("address length")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        if _CONTROL.search(text):
             raise AddressError("control character in address")
         if " " in text and not text.startswith('"'):
             raise AddressError("space in address")

@@ -706,7 +706,9 @@ class Pop3Server(Protocol, ClockedTimeout):
         if cls.server_first and len(args) == 2:
             raise Pop3SyntaxError(f"{name} does not take an initial response")
         s = self.settings
-        mechanism = sasl.mechanism(name, challenge=s.challenge(s.hostname, self._clock.seconds()))
+        # Only CRAM-MD5 (server-first) has a challenge; PLAIN and LOGIN skip the random bytes.
+        challenge = s.challenge(s.hostname, self._clock.seconds()) if cls.server_first else None
+        mechanism = sasl.mechanism(name, challenge=challenge)
         assert mechanism is not None
         initial: bytes | None = None
         if len(args) == 2:

@@ -620,7 +620,10 @@ class SmtpServer(LineReceiver, ClockedTimeout):
             self._junk(reply(501, "5.5.2", f"{name} does not take an initial response"))
             return
         s = self._settings
-        mech = sasl.mechanism(name, challenge=s.challenge(s.hostname, self._clock.seconds()))
+        # Only a server-first mechanism (CRAM-MD5) has a challenge: PLAIN and LOGIN, the
+        # usual submission logins, skip the random bytes.
+        challenge = s.challenge(s.hostname, self._clock.seconds()) if cls.server_first else None
+        mech = sasl.mechanism(name, challenge=challenge)
         assert mech is not None
         initial: bytes | None = None
         if len(parts) == 2:
