@@ -82,3 +82,20 @@ def filesystem_type(fd: int) -> int | None:
     if fstatfs(fd, ctypes.byref(buf)) != 0:
         return None
     return int(buf.f_type) & 0xFFFFFFFF
+
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+@functools.cache
+def boot_id(path: str = BOOT_ID_PATH) -> str | None:
+    """12 hex digits naming this boot of the machine (Linux), or None where unknown.
+
+    A name that carries it tells a later boot that the process which wrote it is gone.
+    """
+    try:
+        with open(path, encoding="ascii") as f:
+            digits = f.read().strip().replace("-", "").lower()
+    except (OSError, ValueError):
+        return None
+    return digits[:12] if re.fullmatch(r"[0-9a-f]{32}", digits) else None

@@ -21,7 +21,7 @@ from mailgate.store.flush import FilesystemFlush
 from mailgate.store.maildir import MaildirStore
 from mailgate.testing import HeldRunner
 from tests.test_maildir import ALICE, BOB, MaildirTestCase
-from tests.test_store_contract import failure_of
+from tests.test_store_contract import failure_of, run_sync
 
 EXT4 = 0xEF53
 TMPFS = 0x01021994
@@ -213,7 +213,11 @@ def test_without_syncfs_the_master_says_so_and_fsyncs_per_file() -> None:
 # -- the store -----------------------------------------------------------------------------
 
 
-class SyncfsGroupCommitTests(MaildirTestCase):
+class _GroupCommitCase(MaildirTestCase):
+    """A store whose group commits use a recorded syncfs; ``boot`` is its boot id."""
+
+    boot: str | None = None
+
     def make_store(self) -> MaildirStore:
         self.runner = HeldRunner()
         self.clock = FakeClock()
@@ -234,6 +238,7 @@ class SyncfsGroupCommitTests(MaildirTestCase):
             hostname="test.host",
             fsync=self.fsync,
             group_flush=self.flush,
+            boot=self.boot,
         )
 
     def start(self, data: bytes, *rcpts: Address) -> Deferred[str]:
@@ -244,9 +249,14 @@ class SyncfsGroupCommitTests(MaildirTestCase):
     def warm_up(self) -> None:
         """Create both Maildirs (their directory fsyncs are not the group's)."""
         self.start(b"warm up\n", ALICE, BOB)
-        self.runner.run_one()
+        while self.runner.jobs:  # the group, and the retiring of its tmp/ names if any
+            self.runner.run_one()
         self.syncfs.calls.clear()
         self.fsync.calls = 0
+
+
+class SyncfsGroupCommitTests(_GroupCommitCase):
+    """Where the boot id is unknown: two syncfs per group, renames into new/."""
 
     def test_a_group_takes_two_syncfs_and_no_fsync(self) -> None:
         self.warm_up()
@@ -334,6 +344,173 @@ class SyncfsGroupCommitTests(MaildirTestCase):
         self.successResultOf(d)
         assert len(self.syncfs.calls) == calls + 1 + 2  # the probe, then the group's two
         assert self.fsync.calls == 4
+
+
+BOOT = "0123456789ab"
+EARLIER_BOOT = "ba9876543210"
+
+
+class RecoverableGroupCommitTests(_GroupCommitCase):
+    """With a boot id: one syncfs per group, copies hard-linked into new/ under names a
+    later boot recovers after a crash."""
+
+    boot = BOOT
+
+    def tmp_names(self, who: Address = ALICE) -> list[str]:
+        return sorted(os.listdir(self.maildir(who) / "tmp"))
+
+    def test_a_group_takes_one_syncfs_and_its_copies_keep_a_recoverable_name(self) -> None:
+        self.warm_up()
+        blocker = self.start(b"blocker\n")
+        group = [self.start(b"one\n"), self.start(b"two\n", ALICE, BOB)]
+        self.runner.run_one()
+        self.successResultOf(blocker)
+        self.syncfs.calls.clear()
+        self.syncfs.watch = self.maildir() / "new"
+        self.runner.run_one()
+        assert len({self.successResultOf(d) for d in group}) == 2
+        assert self.fsync.calls == 0
+        assert len(self.syncfs.calls) == 1
+        assert len(self.syncfs.seen[0]) == 2  # new/ untouched when the data became durable
+        new = sorted((self.maildir() / "new").iterdir())
+        assert sorted(p.read_bytes() for p in new) == [
+            b"blocker\n",
+            b"one\n",
+            b"two\n",
+            b"warm up\n",
+        ]
+        names = self.tmp_names()
+        assert len(names) == 2  # the group's copies, still linked: its links are not durable
+        for name in names:
+            base, mark = name.split(",J=")
+            assert mark.startswith(BOOT + "-")
+            assert os.path.samefile(self.maildir() / "new" / base, self.maildir() / "tmp" / name)
+            assert (self.maildir() / "tmp" / name).read_bytes() in (b"one\n", b"two\n")
+
+    def test_the_tmp_names_go_after_the_next_syncfs_under_load_or_when_idle(self) -> None:
+        self.warm_up()
+        blocker = self.start(b"blocker\n")
+        first = self.start(b"first\n")
+        self.runner.run_one()
+        self.successResultOf(blocker)
+        assert len(self.tmp_names()) == 1  # the blocker's
+        self.runner.run_one()  # the next group: its syncfs covers the blocker's link
+        self.successResultOf(first)
+        names = self.tmp_names()
+        assert len(names) == 1 and names[0].split(",J=")[0] in os.listdir(self.maildir() / "new")
+        assert len(self.runner.jobs) == 1  # nothing waiting: retire at once
+        calls = len(self.syncfs.calls)
+        self.runner.run_one()
+        assert len(self.syncfs.calls) == calls + 1
+        assert self.tmp_names() == []
+        assert self.runner.jobs == []
+        assert sorted(p.read_bytes() for p in (self.maildir() / "new").iterdir()) == [
+            b"blocker\n", b"first\n", b"warm up\n",
+        ]  # fmt: skip
+
+    def test_a_delivery_waits_for_a_retiring_in_progress_then_runs(self) -> None:
+        self.warm_up()
+        self.start(b"one\n")
+        self.runner.run_one()
+        assert len(self.runner.jobs) == 1  # the retiring
+        d = self.start(b"two\n")
+        assert len(self.runner.jobs) == 1  # queued behind it, not beside it
+        self.runner.run_one()
+        assert len(self.runner.jobs) == 1
+        self.runner.run_one()
+        self.successResultOf(d)
+
+    def test_a_failed_syncfs_when_retiring_keeps_the_tmp_names(self) -> None:
+        self.warm_up()
+        self.start(b"one\n")
+        self.runner.run_one()
+        self.syncfs.error = OSError(errno.EIO, "Input/output error")
+        self.runner.run_one()
+        assert len(self.tmp_names()) == 1
+        self.syncfs.error = None
+        self.clock.now += 5
+        self.flush._per_file = False  # syncfs back (as the probe would find)
+        d = self.start(b"two\n")
+        self.runner.run_one()
+        self.successResultOf(d)
+        assert len(self.tmp_names()) == 1  # only the new group's: the old one went
+
+    def test_per_file_fsyncs_after_syncfs_groups_retire_their_tmp_names(self) -> None:
+        self.warm_up()
+        self.start(b"one\n")
+        self.runner.run_one()
+        self.syncfs.takes = 0.5  # the retiring's syncfs is slow: per-file from now on
+        self.runner.run_one()
+        self.syncfs.takes = 0.0
+        assert self.tmp_names() == []  # that syncfs did succeed
+        d = self.start(b"two\n")
+        self.runner.run_one()
+        self.successResultOf(d)
+        assert self.tmp_names() == []
+        assert self.fsync.calls == 2  # the file and new/
+
+    def seed_copy(self, data: bytes, boot: str = EARLIER_BOOT, crc: int | None = None) -> str:
+        import zlib
+
+        md = self.maildir()
+        for sub in ("new", "cur", "tmp"):
+            (md / sub).mkdir(parents=True, exist_ok=True)
+        base = f"1700000000.M1P2Q3.test.host,S={len(data)},W={len(data) + 1}"
+        checksum = zlib.crc32(data) if crc is None else crc
+        (md / "tmp" / f"{base},J={boot}-{checksum:08x}").write_bytes(data)
+        return base
+
+    def fresh_store(self) -> MaildirStore:
+        return MaildirStore(str(self.root), run_sync, hostname="h", boot=BOOT)
+
+    def test_a_copy_an_earlier_boot_acknowledged_is_delivered(self) -> None:
+        base = self.seed_copy(b"saved\n")
+        with capturedLogs() as events:
+            drop = self.open(ALICE, self.fresh_store())
+        assert [m.size for m in drop.messages] == [7]
+        assert drop.open_message(0).read() == b"saved\n"
+        assert (self.maildir() / "new" / base).exists()
+        assert self.tmp_names() == []
+        assert any("recovered {n} messages" in str(e.get("log_format")) for e in events)
+
+    def test_the_master_recovers_every_maildir_at_start_up(self) -> None:
+        base = self.seed_copy(b"saved\n")
+        (self.root / ".incoming").mkdir()
+        (self.root / "example.org" / "nobody").mkdir()  # no Maildir in it
+        self.fresh_store().sweep_stale()
+        assert (self.maildir() / "new" / base).read_bytes() == b"saved\n"
+        assert self.tmp_names() == []
+
+    def test_a_copy_already_in_cur_is_not_delivered_twice(self) -> None:
+        base = self.seed_copy(b"saved\n")
+        (self.maildir() / "cur" / f"{base}:2,S").write_bytes(b"saved\n")
+        drop = self.open(ALICE, self.fresh_store())
+        assert len(drop.messages) == 1
+        assert self.tmp_names() == []
+
+    def test_a_copy_whose_content_does_not_match_is_dropped(self) -> None:
+        self.seed_copy(b"torn\n", crc=12345)
+        drop = self.open(ALICE, self.fresh_store())
+        assert len(drop.messages) == 0
+        assert self.tmp_names() == []
+
+    def test_a_copy_of_this_boot_is_left_to_the_process_writing_it(self) -> None:
+        self.seed_copy(b"in flight\n", boot=BOOT)
+        drop = self.open(ALICE, self.fresh_store())
+        assert len(drop.messages) == 0
+        assert len(self.tmp_names()) == 1
+
+
+def test_the_boot_id_is_twelve_hex_digits_or_unknown(tmp_path: Path) -> None:
+    real = fileio.boot_id()
+    assert real is None or (len(real) == 12 and int(real, 16) >= 0)
+    good = tmp_path / "good"
+    good.write_text("0123abcd-ef01-2345-6789-abcdef012345\n")
+    assert fileio.boot_id(str(good)) == "0123abcdef01"
+    bad = tmp_path / "bad"
+    bad.write_text("not an id\n")
+    assert fileio.boot_id(str(bad)) is None
+    assert fileio.boot_id(str(tmp_path / "missing")) is None
 
 
 def test_the_default_probe_runs_in_a_thread_of_its_own(tmp_path: Path) -> None:

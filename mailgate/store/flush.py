@@ -3,8 +3,9 @@
 A group of N small deliveries made durable file by file costs N file fsyncs plus one per
 ``new/`` directory, each a separate write of an inode and a device cache flush. One
 ``syncfs`` of the filesystem covers every file and directory of the group at once: the
-group needs two (the copies in ``tmp/``, then their renames into ``new/``), whatever N is.
-Every message is still on stable storage before its acknowledgement.
+group needs one (its copies in ``tmp/``, named so that a later boot recovers them, see
+``maildir._durable_by_filesystem``), whatever N is. Every message is still on stable
+storage before its acknowledgement.
 
 The price is that a syncfs also writes whatever else is dirty on that filesystem. With the
 mail root on a filesystem of its own that is only mail; next to a busy writer (a backup, a

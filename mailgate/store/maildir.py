@@ -29,6 +29,7 @@ import stat
 import tempfile
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from typing import IO, Any
@@ -45,7 +46,7 @@ from mailgate.errors import (
     MaildropInUse,
     MaildropUnavailable,
 )
-from mailgate.fileio import write_all
+from mailgate.fileio import boot_id, write_all
 from mailgate.interfaces import IMaildrop, IMailStore, IMessageSink, ThreadRunner
 from mailgate.model import Address, Envelope, MessageInfo
 from mailgate.store.flush import FilesystemFlush
@@ -77,6 +78,12 @@ _NAME_TIME = re.compile(r"^(\d{10})\.")
 #: In the names of our own deliveries: no line of the message starts with "." (RETR and
 #: TOP then skip the dot-stuffing search, a third of their CPU per megabyte).
 DOT_FREE = ",D=0"
+#: MaildirStore's ``boot`` default: this boot's id, read from the kernel.
+THIS_BOOT = "this boot"
+#: A group-committed copy's name in tmp/: ``<final name>,J=<boot>-<crc32>`` (see
+#: :func:`_durable_by_filesystem`). It names the boot that wrote it and the checksum of its
+#: content, so that after a crash a later boot can deliver it (see ``_recover``).
+_RECOVERABLE = re.compile(r"^(?P<base>.+),J=(?P<boot>[0-9a-f]{12})-(?P<crc>[0-9a-f]{8})\Z")
 _DOT_FREE = re.compile(r",D=0(?=,|$)")
 
 
@@ -183,6 +190,7 @@ class MaildirStore:
         fsync: Callable[[int], None] = os.fsync,
         group_flush: FilesystemFlush | None = None,
         cache_messages: int = DEFAULT_CACHE_MESSAGES,
+        boot: str | None = THIS_BOOT,
     ) -> None:
         self.root = os.path.abspath(root.path if isinstance(root, FilePath) else root)
         self.spool = os.path.join(self.root, SPOOL_NAME)
@@ -192,6 +200,14 @@ class MaildirStore:
         #: How a group commit makes its files durable: None is an fsync per file and per
         #: new/ directory; a FilesystemFlush is one syncfs per filesystem (see flush.py).
         self.group_flush = group_flush
+        #: This boot's id (fileio.boot_id; None: unknown). Group commits by syncfs need it
+        #: to name their copies in tmp/ so that a later boot can recover them.
+        self.boot = boot_id() if boot == THIS_BOOT else boot
+        #: Copies in tmp/ a syncfs group commit hard-linked into new/, per group: the
+        #: devices that group flushed and the tmp/ names. Unlinked once a later syncfs has
+        #: made the links durable (see _retire_linked). Only the one commit job in flight
+        #: touches it.
+        self._linked: list[tuple[frozenset[int], list[str]]] = []
         # Maildir -> its last scan (see _MaildirState), least recently used first.
         self._states: OrderedDict[str, _MaildirState] = OrderedDict()
         self._states_lock = threading.Lock()
@@ -222,7 +238,22 @@ class MaildirStore:
             _log.info(
                 "removed {n} stale partial deliveries from {path}", n=removed, path=self.spool
             )
+        self.recover_all()
         return removed
+
+    def recover_all(self) -> None:
+        """Recover every Maildir's copies from an earlier boot (start-up, master only), so
+        that another reader of the Maildirs sees them too; a process also does it for each
+        Maildir it first uses (see _recover)."""
+        if self.boot is None:
+            return
+        for domain in self._regular_names_in(self.root):
+            if domain.startswith("."):
+                continue
+            for local in self._regular_names_in(os.path.join(self.root, domain)):
+                maildir = os.path.join(self.root, domain, local, "Maildir")
+                if os.path.isdir(os.path.join(maildir, "tmp")):
+                    self._sweep_tmp(maildir)
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -269,15 +300,63 @@ class MaildirStore:
         once per process and Maildir: a delivery in progress is never that old."""
         cutoff = time.time() - max_age
         removed = 0
+        earlier_boot: list[tuple[str, re.Match[str]]] = []
         with contextlib.suppress(OSError), os.scandir(os.path.join(maildir, "tmp")) as it:
             for entry in it:
+                mark = _RECOVERABLE.match(entry.name)
+                if mark is not None and self.boot is not None and mark["boot"] != self.boot:
+                    earlier_boot.append((entry.path, mark))
+                    continue
                 with contextlib.suppress(OSError):
                     if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
                         os.unlink(entry.path)
                         removed += 1
         if removed:
             _log.info("removed {n} stale files from {path}/tmp", n=removed, path=maildir)
+        if earlier_boot:
+            self._recover(maildir, earlier_boot)
         return removed
+
+    def _recover(self, maildir: str, copies: list[tuple[str, re.Match[str]]]) -> None:
+        """Deliver what a syncfs group commit of an earlier boot acknowledged but whose
+        link into new/ a crash may have lost: a copy whose checksum holds and whose name is
+        in neither new/ nor cur/ is linked into new/. A copy whose content does not match
+        was never acknowledged (the crash came during its syncfs) and is removed."""
+        new = os.path.join(maildir, "new")
+        present = set(self._regular_names_in(new))
+        present.update(
+            n.split(":", 1)[0] for n in self._regular_names_in(os.path.join(maildir, "cur"))
+        )
+        recovered = 0
+        for path, mark in copies:
+            base = mark["base"]
+            try:
+                if base not in present:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    if size_field(base, "S") == len(data) and zlib.crc32(data) == int(
+                        mark["crc"], 16
+                    ):
+                        with contextlib.suppress(FileExistsError):
+                            os.link(path, os.path.join(new, base))
+                        self.fsync_dir(new)
+                        recovered += 1
+                    else:
+                        _log.warn("removing {path}: incomplete, never acknowledged", path=path)
+                os.unlink(path)
+            except OSError as e:
+                _log.error("cannot recover {path}: {error}", path=path, error=e)
+        if recovered:
+            _log.info(
+                "recovered {n} messages into {path}/new after a crash", n=recovered, path=maildir
+            )
+
+    @staticmethod
+    def _regular_names_in(directory: str) -> list[str]:
+        try:
+            return os.listdir(directory)
+        except OSError:
+            return []
 
     def forget_maildirs(self) -> None:
         """After an I/O failure: check every Maildir's directories again on next use."""
@@ -292,7 +371,7 @@ class MaildirStore:
         new/ and fsyncs each new/ directory once: with many concurrent submissions that is
         one directory fsync (and one journal commit) for a group, not one per message.
         With a ``group_flush`` the file and directory fsyncs become one syncfs per
-        filesystem before the renames and one after, whatever the size of the group.
+        filesystem, whatever the size of the group (see _durable_by_filesystem).
         Only one group is in flight; messages arriving meanwhile form the next one, so the
         group grows with the load and a lone message waits for nothing.
         """
@@ -318,8 +397,22 @@ class MaildirStore:
                     d.errback(outcome)
             if self._pending and not self._committing:
                 self._commit_next()
+            elif self._linked and not self._committing:
+                self._retire_when_idle()
 
         running.addBoth(settle)
+
+    def _retire_when_idle(self) -> None:
+        """No delivery waiting: make the last group's links durable and drop its tmp/
+        names now rather than at the next delivery (see :func:`_retire_linked`)."""
+        self._committing = True
+
+        def settle(_: object) -> None:
+            self._committing = False
+            if self._pending:
+                self._commit_next()
+
+        self._run(_retire_linked, self).addBoth(settle)
 
     def unique_name(self, file_size: int, wire_size: int, dot_free: bool = False) -> str:
         now = time.time_ns()
@@ -995,8 +1088,9 @@ def _publish(staged: list[tuple[str, str]], delivered: list[str], store: Maildir
 
 def _roll_back(staged: list[tuple[str, str]], delivered: list[str], store: MaildirStore) -> None:
     """Undo a partial delivery durably: unlink every copy, then fsync the new/ directories."""
-    published = set(delivered)
-    for path in [*delivered, *(t for t, final in staged if final not in published)]:
+    # Every tmp/ name too: a copy hard-linked into new/ (see _link_all) still has one, and
+    # a later boot would otherwise deliver it (see MaildirStore._recover).
+    for path in [*delivered, *(t for t, _ in staged)]:
         with contextlib.suppress(OSError):
             os.unlink(path)
     for directory in dict.fromkeys(os.path.dirname(final) for final in delivered):
@@ -1034,7 +1128,8 @@ def _commit_group(
     Same order of events as a single delivery, done for the whole group at each step:
     every copy written, every copy made durable, every copy renamed into new/, the
     renames made durable. Nothing is acknowledged (the results only reach the sessions
-    after this returns) before its new/ entries are on stable storage.
+    after this returns) before its new/ entries are on stable storage, or, with one
+    syncfs per group, its tmp/ copies under names a later boot recovers.
     """
     results: list[str | Exception] = [""] * len(jobs)
     live: list[tuple[int, _Staged]] = []
@@ -1061,9 +1156,11 @@ def _commit_group(
         and per_fs is not None
         and all(flush.covers(device, fd) for device, fd in per_fs.items())
     ):
-        live = _durable_by_filesystem(live, flush, fail, per_fs)
+        live = _durable_by_filesystem(store, live, flush, fail, per_fs)
     else:
         live = _durable_by_file(store, live, fail)
+        if store._linked:  # back to per-file fsyncs after syncfs groups
+            _retire_linked(store)
     for i, item in live:
         results[i] = item.delivery.queue_id
     return results
@@ -1084,6 +1181,78 @@ def _rename_all(live: list[tuple[int, _Staged]], fail: _Fail) -> list[tuple[int,
             continue
         still.append((i, item))
     return still
+
+
+def _link_all(live: list[tuple[int, _Staged]], fail: _Fail) -> list[tuple[int, _Staged]]:
+    still: list[tuple[int, _Staged]] = []
+    for i, item in live:
+        try:
+            for tmp_target, final in item.staged:
+                os.link(tmp_target, final)
+                item.delivered.append(final)
+        except Exception as e:
+            fail(i, item, e)
+            continue
+        still.append((i, item))
+    return still
+
+
+def _unlink_covered(store: MaildirStore, devices: frozenset[int]) -> None:
+    """After a syncfs of ``devices``: drop the tmp/ names of earlier groups on them (their
+    links into new/ were made before it, so they are durable now)."""
+    kept: list[tuple[frozenset[int], list[str]]] = []
+    for group_devices, names in store._linked:
+        if group_devices <= devices:
+            for name in names:
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+        else:
+            kept.append((group_devices, names))
+    store._linked = kept
+
+
+def _retire_linked(store: MaildirStore) -> None:
+    """Thread pool, no group in flight: make every pending link durable, then drop the
+    tmp/ names. A name whose link cannot be made durable yet is kept for the next try."""
+    names = [name for _, group in store._linked for name in group]
+    maildirs = dict.fromkeys(os.path.dirname(os.path.dirname(n)) for n in names)
+    try:
+        _flush_new_directories(store, [os.path.join(m, "new") for m in maildirs])
+    except OSError as e:
+        _log.warn("cannot make delivered links durable yet: {error}", error=e)
+        return
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    store._linked = []
+
+
+def _flush_new_directories(store: MaildirStore, directories: list[str]) -> None:
+    """One syncfs per filesystem when it covers them all, else an fsync of each."""
+    flush = store.group_flush
+    held: dict[int, int] = {}
+    try:
+        if flush is not None and flush.active():
+            for directory in directories:
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    device = os.fstat(fd).st_dev
+                except OSError:
+                    os.close(fd)
+                    raise
+                if device in held:
+                    os.close(fd)
+                else:
+                    held[device] = fd
+            if all(flush.covers(device, fd) for device, fd in held.items()):
+                flush.flush(held.values())
+                return
+        for directory in directories:
+            store.fsync_dir(directory)
+    finally:
+        for fd in held.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _durable_by_file(
@@ -1132,12 +1301,15 @@ def _one_fd_per_filesystem(live: list[tuple[int, _Staged]]) -> dict[int, int] | 
 
 
 def _durable_by_filesystem(
+    store: MaildirStore,
     live: list[tuple[int, _Staged]],
     flush: FilesystemFlush,
     fail: _Fail,
     copies_per_fs: dict[int, int],
 ) -> list[tuple[int, _Staged]]:
-    """One syncfs per filesystem for the copies, rename, one more for the renames.
+    """One syncfs per filesystem for the copies, then hard links into new/ (with a boot
+    id; see docs/multiprocess.md for the recovery); without one, renames and a second
+    syncfs for them.
 
     A failed syncfs cannot say whose data it lost, so it fails the whole group. The
     filesystems are held by duplicates of ``copies_per_fs``: a failing item closes its
@@ -1162,8 +1334,18 @@ def _durable_by_filesystem(
                 still.append((i, item))
         live = still
         flush.flush(held)
-        live = _rename_all(live, fail)
-        flush.flush(held)
+        if store.boot is not None:
+            # One syncfs is enough: every copy is now on stable storage under a tmp/
+            # name a later boot recovers (see MaildirStore._recover). Links, not renames,
+            # so that a name survives a crash whichever directory block reaches the disk
+            # first; the tmp/ names go once a later syncfs has covered the links.
+            devices = frozenset(copies_per_fs)
+            _unlink_covered(store, devices)
+            live = _link_all(live, fail)
+            store._linked.append((devices, [t for _, item in live for t, _ in item.staged]))
+        else:
+            live = _rename_all(live, fail)
+            flush.flush(held)
     except Exception as e:
         for i, item in live:
             fail(i, item, e)
@@ -1348,10 +1530,15 @@ class MaildirDelivery:
         if self._saw_cr:  # not LF-only text after all: measure exactly as RETR will send
             wire = wire_size_of_file(io.BytesIO(data))
         first: str | None = None
+        # Named for recovery (see _RECOVERABLE) when a syncfs group commit may acknowledge
+        # it before its link into new/ is durable.
+        mark = ""
+        if store.boot is not None and store.group_flush is not None:
+            mark = f",J={store.boot}-{zlib.crc32(data):08x}"
         for maildir in self._targets:
             store.ensure_maildir(maildir)
             name = store.unique_name(len(data), wire, not self._dot_lines)
-            tmp_target = os.path.join(maildir, "tmp", name)
+            tmp_target = os.path.join(maildir, "tmp", name + mark)
             final = os.path.join(maildir, "new", name)
             if first is not None:
                 try:
