@@ -20,7 +20,7 @@ from mailgate.service import group_flush
 from mailgate.store.flush import FilesystemFlush
 from mailgate.store.maildir import MaildirStore
 from mailgate.testing import HeldRunner
-from tests.test_maildir import ALICE, BOB, MaildirTestCase
+from tests.test_maildir import ALICE, BOB, MaildirTestCase, patch
 from tests.test_store_contract import failure_of, run_sync
 
 EXT4 = 0xEF53
@@ -420,20 +420,26 @@ class RecoverableGroupCommitTests(_GroupCommitCase):
         self.runner.run_one()
         self.successResultOf(d)
 
-    def test_a_failed_syncfs_when_retiring_keeps_the_tmp_names(self) -> None:
+    def test_after_a_failed_syncfs_pending_names_are_left_to_the_next_boot(self) -> None:
         self.warm_up()
         self.start(b"one\n")
         self.runner.run_one()
         self.syncfs.error = OSError(errno.EIO, "Input/output error")
-        self.runner.run_one()
-        assert len(self.tmp_names()) == 1
+        self.runner.run_one()  # the retiring's syncfs fails
+        self.flushLoggedErrors(OSError)  # type: ignore[no-untyped-call]
+        (kept,) = self.tmp_names()
         self.syncfs.error = None
-        self.clock.now += 5
         self.flush._per_file = False  # syncfs back (as the probe would find)
         d = self.start(b"two\n")
         self.runner.run_one()
         self.successResultOf(d)
-        assert len(self.tmp_names()) == 1  # only the new group's: the old one went
+        while self.runner.jobs:
+            self.runner.run_one()
+        # A later syncfs may succeed without the lost writes: never retired on its word.
+        assert self.tmp_names() == [kept]
+        drop = self.open(ALICE, self.fresh_store(EARLIER_BOOT))
+        assert sorted(m.size for m in drop.messages) == [5, 5, 9]  # "one" not twice
+        assert self.tmp_names() == []
 
     def test_per_file_fsyncs_after_syncfs_groups_retire_their_tmp_names(self) -> None:
         self.warm_up()
@@ -449,6 +455,120 @@ class RecoverableGroupCommitTests(_GroupCommitCase):
         assert self.tmp_names() == []
         assert self.fsync.calls == 2  # the file and new/
 
+    def test_names_go_only_after_a_syncfs_that_followed_their_links(self) -> None:
+        self.warm_up()
+        blocker = self.start(b"blocker\n", ALICE, BOB)
+        d = self.start(b"next\n")
+        self.runner.run_one()
+        self.successResultOf(blocker)
+        (alice_copy,) = self.tmp_names()
+        assert len(self.tmp_names(BOB)) == 1
+        self.syncfs.watch = self.maildir() / "tmp"
+        self.runner.run_one()  # the next group
+        self.successResultOf(d)
+        (seen,) = self.syncfs.seen
+        assert alice_copy in seen  # still there when the syncfs covering its link ran
+        assert alice_copy not in self.tmp_names()  # gone after it
+        assert self.tmp_names(BOB) == []  # every recipient's copy
+
+    def test_a_per_file_group_retires_the_syncfs_groups_before_it(self) -> None:
+        self.warm_up()
+        blocker = self.start(b"blocker\n", ALICE, BOB)
+        d = self.start(b"next\n")
+        self.runner.run_one()
+        self.successResultOf(blocker)
+        self.flush._per_file = True  # fell back (say, a slow syncfs elsewhere) ...
+        self.flush._next_probe = self.clock.now + 1000  # ... and no probe due yet
+        self.runner.run_one()
+        self.successResultOf(d)
+        assert self.tmp_names() == [] and self.tmp_names(BOB) == []
+        assert self.fsync.calls == 2 + 2  # this group's file and new/; then both new/
+        assert self.runner.jobs == []
+
+    def test_a_link_that_fails_rolls_back_every_copy(self) -> None:
+        self.warm_up()
+        real_link = os.link
+
+        def link(src: str, dst: str) -> None:
+            if "/bob/" in dst and "/new/" in dst:
+                raise OSError(errno.EMLINK, "Too many links")
+            real_link(src, dst)
+
+        blocker = self.start(b"blocker\n")
+        d = self.start(b"both\n", ALICE, BOB)
+        self.runner.run_one()
+        self.successResultOf(blocker)
+        patch(self, os, "link", link)
+        self.runner.run_one()
+        failure_of(d, DeliveryError)
+        self.flushLoggedErrors(OSError)  # type: ignore[no-untyped-call]
+        for who in (ALICE, BOB):
+            assert all(b"both" not in p.read_bytes() for p in (self.maildir(who) / "new").iterdir())
+        assert not any(
+            b"both" in (self.maildir() / "tmp" / n).read_bytes() for n in self.tmp_names()
+        )
+        assert self.tmp_names(BOB) == []
+        # ALICE's new/, then both tmp/: a removal a crash undid would be recovered later.
+        assert self.fsync.calls == 3
+
+    def test_a_message_deleted_before_its_name_was_retired_stays_deleted(self) -> None:
+        self.warm_up()
+        self.start(b"doomed\n")
+        self.runner.run_one()
+        self.runner.jobs.clear()  # the process is killed before it retires the name
+        assert len(self.tmp_names()) == 1
+        drop = self.open(ALICE, self.fresh_store())
+        doomed = [i for i, m in enumerate(drop.messages) if m.size == 8]
+        assert len(doomed) == 1
+        assert self.successResultOf(drop.commit(doomed)) == 0
+        assert self.tmp_names() == []
+        later = self.open(ALICE, self.fresh_store(EARLIER_BOOT))  # after a reboot
+        assert [m.size for m in later.messages] == [9]  # "warm up" only
+
+    def test_without_a_boot_id_old_marked_copies_are_kept_not_swept(self) -> None:
+        self.seed_copy(b"saved\n")
+        old = self.maildir() / "tmp" / self.tmp_names()[0]
+        os.utime(old, (1_000_000, 1_000_000))
+        with capturedLogs() as events:
+            drop = self.open(ALICE, self.fresh_store(None))
+        assert len(drop.messages) == 0
+        assert old.exists()
+        assert any("boot id unknown" in str(e.get("log_format")) for e in events)
+
+    def test_recovery_keeps_the_only_counted_link_of_a_delivered_copy(self) -> None:
+        base = self.seed_copy(b"saved\n")
+        (copy,) = self.tmp_names()
+        os.link(self.maildir() / "tmp" / copy, self.maildir() / "new" / base)
+        real_stat = os.stat
+
+        def stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+            st = real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+            fields = list(st)
+            fields[3] = 1  # st_nlink as after a crash on a journal-less filesystem
+            return os.stat_result(fields)
+
+        patch(self, os, "stat", stat)
+        with capturedLogs() as events:
+            self.fresh_store().recover_all()
+        patch(self, os, "stat", real_stat)
+        assert self.tmp_names() == [copy]  # unlinking it would free the message
+        assert any("run fsck" in str(e.get("log_format")) for e in events)
+
+    def test_recovery_waits_when_cur_cannot_be_listed(self) -> None:
+        self.seed_copy(b"saved\n")
+        real_listdir = os.listdir
+
+        def listdir(path: str) -> list[str]:
+            if str(path).endswith("/cur"):
+                raise OSError(errno.EIO, "Input/output error")
+            return real_listdir(path)
+
+        patch(self, os, "listdir", listdir)
+        self.fresh_store().recover_all()
+        patch(self, os, "listdir", real_listdir)
+        assert os.listdir(self.maildir() / "new") == []
+        assert len(self.tmp_names()) == 1
+
     def seed_copy(self, data: bytes, boot: str = EARLIER_BOOT, crc: int | None = None) -> str:
         import zlib
 
@@ -460,8 +580,9 @@ class RecoverableGroupCommitTests(_GroupCommitCase):
         (md / "tmp" / f"{base},J={boot}-{checksum:08x}").write_bytes(data)
         return base
 
-    def fresh_store(self) -> MaildirStore:
-        return MaildirStore(str(self.root), run_sync, hostname="h", boot=BOOT)
+    def fresh_store(self, boot: str | None = BOOT) -> MaildirStore:
+        """The store of a process started later (by default, in the boot BOOT)."""
+        return MaildirStore(str(self.root), run_sync, hostname="h", boot=boot)
 
     def test_a_copy_an_earlier_boot_acknowledged_is_delivered(self) -> None:
         base = self.seed_copy(b"saved\n")

@@ -208,6 +208,7 @@ class MaildirStore:
         #: made the links durable (see _retire_linked). Only the one commit job in flight
         #: touches it.
         self._linked: list[tuple[frozenset[int], list[str]]] = []
+        self._syncfs_covered: dict[str, bool] = {}
         # Maildir -> its last scan (see _MaildirState), least recently used first.
         self._states: OrderedDict[str, _MaildirState] = OrderedDict()
         self._states_lock = threading.Lock()
@@ -304,8 +305,15 @@ class MaildirStore:
         with contextlib.suppress(OSError), os.scandir(os.path.join(maildir, "tmp")) as it:
             for entry in it:
                 mark = _RECOVERABLE.match(entry.name)
-                if mark is not None and self.boot is not None and mark["boot"] != self.boot:
-                    earlier_boot.append((entry.path, mark))
+                if mark is not None and mark["boot"] != self.boot:
+                    if self.boot is None:
+                        # Never swept by age: it may be an acknowledged message.
+                        _log.error(
+                            "cannot tell whether {path} needs recovering: boot id unknown",
+                            path=entry.path,
+                        )
+                    else:
+                        earlier_boot.append((entry.path, mark))
                     continue
                 with contextlib.suppress(OSError):
                     if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
@@ -323,29 +331,48 @@ class MaildirStore:
         in neither new/ nor cur/ is linked into new/. A copy whose content does not match
         was never acknowledged (the crash came during its syncfs) and is removed."""
         new = os.path.join(maildir, "new")
-        present = set(self._regular_names_in(new))
-        present.update(
-            n.split(":", 1)[0] for n in self._regular_names_in(os.path.join(maildir, "cur"))
-        )
+        try:
+            present = {name: os.path.join(new, name) for name in _listing(new)}
+            cur = os.path.join(maildir, "cur")
+            present.update((n.split(":", 1)[0], os.path.join(cur, n)) for n in _listing(cur))
+        except OSError as e:  # not knowing what is there would deliver duplicates
+            _log.error("cannot recover {path} yet: {error}", path=maildir, error=e)
+            return
         recovered = 0
+        done: list[str] = []
         for path, mark in copies:
             base = mark["base"]
             try:
-                if base not in present:
+                if base in present:
+                    if _sole_link(path, present[base]):
+                        # Both names, one link counted: a journal-less filesystem after a
+                        # crash without fsck. Unlinking either would free the message.
+                        _log.error("{path}: link count too low, run fsck", path=path)
+                        continue
+                else:
                     with open(path, "rb") as f:
                         data = f.read()
-                    if size_field(base, "S") == len(data) and zlib.crc32(data) == int(
-                        mark["crc"], 16
-                    ):
+                    crc = int(mark["crc"], 16)
+                    if size_field(base, "S") == len(data) and zlib.crc32(data) == crc:
                         with contextlib.suppress(FileExistsError):
                             os.link(path, os.path.join(new, base))
-                        self.fsync_dir(new)
                         recovered += 1
                     else:
                         _log.warn("removing {path}: incomplete, never acknowledged", path=path)
-                os.unlink(path)
+                done.append(path)
+            except FileNotFoundError:
+                pass  # another process of this boot recovered it meanwhile
             except OSError as e:
                 _log.error("cannot recover {path}: {error}", path=path, error=e)
+        try:
+            if recovered:
+                self.fsync_dir(new)  # the links are durable before the tmp/ names go
+        except OSError as e:
+            _log.error("cannot recover {path} yet: {error}", path=maildir, error=e)
+            return
+        for path in done:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         if recovered:
             _log.info(
                 "recovered {n} messages into {path}/new after a crash", n=recovered, path=maildir
@@ -357,6 +384,24 @@ class MaildirStore:
             return os.listdir(directory)
         except OSError:
             return []
+
+    def syncfs_covers(self, maildir: str) -> bool:
+        """Whether a syncfs group commit would cover ``maildir`` (kept per Maildir)."""
+        known = self._syncfs_covered.get(maildir)
+        if known is None:
+            flush = self.group_flush
+            if flush is None:
+                return False
+            try:
+                fd = os.open(os.path.join(maildir, "tmp"), os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    known = flush.covers(os.fstat(fd).st_dev, fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                return False  # asked again next time
+            self._syncfs_covered[maildir] = known
+        return known
 
     def forget_maildirs(self) -> None:
         """After an I/O failure: check every Maildir's directories again on next use."""
@@ -407,8 +452,10 @@ class MaildirStore:
         names now rather than at the next delivery (see :func:`_retire_linked`)."""
         self._committing = True
 
-        def settle(_: object) -> None:
+        def settle(result: object) -> None:
             self._committing = False
+            if isinstance(result, Failure):
+                _log.failure("retiring delivered tmp/ names failed", result)
             if self._pending:
                 self._commit_next()
 
@@ -1028,6 +1075,14 @@ class MaildirMaildrop:
             paths.extend(
                 os.path.join(directory, name) for name in names if name.partition(":")[0] in wanted
             )
+        # A copy still linked from tmp/ (its group commit's tmp/ name not yet retired, say
+        # the process was killed): gone too, or a later boot would recover the message.
+        tmp = os.path.join(self._maildir, "tmp")
+        with contextlib.suppress(OSError):
+            for name in os.listdir(tmp):
+                mark = _RECOVERABLE.match(name)
+                if mark is not None and mark["base"] in wanted:
+                    paths.append(os.path.join(tmp, name))
         failed = 0
         touched: set[str] = set()
         for path in paths:
@@ -1066,6 +1121,20 @@ def _open_unbuffered(path: str) -> IO[bytes]:
     return open(path, "rb", buffering=0)
 
 
+def _listing(directory: str) -> list[str]:
+    """The names in ``directory``; none if it does not exist, OSError for other failures."""
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
+
+
+def _sole_link(one: str, other: str) -> bool:
+    """Whether two names of one file are counted as a single link."""
+    a, b = os.stat(one), os.stat(other)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) and a.st_nlink < 2
+
+
 def _sequential(f: IO[bytes]) -> IO[bytes]:
     """Tell the kernel ``f`` is read front to back (a hint: errors are ignored)."""
     with contextlib.suppress(AttributeError, OSError):
@@ -1093,6 +1162,10 @@ def _roll_back(staged: list[tuple[str, str]], delivered: list[str], store: Maild
     for path in [*delivered, *(t for t, _ in staged)]:
         with contextlib.suppress(OSError):
             os.unlink(path)
+    # A marked copy's removal made durable: recovery would deliver what got a 451.
+    for directory in dict.fromkeys(os.path.dirname(t) for t, _ in staged if ",J=" in t):
+        with contextlib.suppress(OSError):
+            store.fsync_dir(directory)
     for directory in dict.fromkeys(os.path.dirname(final) for final in delivered):
         with contextlib.suppress(OSError):
             store.fsync_dir(directory)
@@ -1145,7 +1218,7 @@ def _commit_group(
     for i, (delivery, data, wire) in enumerate(jobs):
         item = _Staged(delivery)
         try:
-            delivery._stage_small(item, data, wire)
+            delivery._stage_small(item, data, wire, by_filesystem)
         except Exception as e:
             fail(i, item, e)
             continue
@@ -1219,7 +1292,9 @@ def _retire_linked(store: MaildirStore) -> None:
     try:
         _flush_new_directories(store, [os.path.join(m, "new") for m in maildirs])
     except OSError as e:
-        _log.warn("cannot make delivered links durable yet: {error}", error=e)
+        # Left to the next boot's recovery (see _durable_by_filesystem's failure).
+        _log.warn("cannot make delivered links durable: {error}", error=e)
+        store._linked = []
         return
     for name in names:
         with contextlib.suppress(OSError):
@@ -1234,7 +1309,10 @@ def _flush_new_directories(store: MaildirStore, directories: list[str]) -> None:
     try:
         if flush is not None and flush.active():
             for directory in directories:
-                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue  # the Maildir was removed: nothing of it to keep
                 try:
                     device = os.fstat(fd).st_dev
                 except OSError:
@@ -1248,7 +1326,8 @@ def _flush_new_directories(store: MaildirStore, directories: list[str]) -> None:
                 flush.flush(held.values())
                 return
         for directory in directories:
-            store.fsync_dir(directory)
+            with contextlib.suppress(FileNotFoundError):
+                store.fsync_dir(directory)
     finally:
         for fd in held.values():
             with contextlib.suppress(OSError):
@@ -1318,7 +1397,8 @@ def _durable_by_filesystem(
     """
     held: list[int] = []
     try:
-        held = [os.dup(fd) for fd in copies_per_fs.values()]
+        for fd in copies_per_fs.values():
+            held.append(os.dup(fd))
         still: list[tuple[int, _Staged]] = []
         for i, item in live:
             fds, item.fds = item.fds, []
@@ -1342,11 +1422,16 @@ def _durable_by_filesystem(
             devices = frozenset(copies_per_fs)
             _unlink_covered(store, devices)
             live = _link_all(live, fail)
-            store._linked.append((devices, [t for _, item in live for t, _ in item.staged]))
+            names = [t for _, item in live for t, _ in item.staged]
+            if names:
+                store._linked.append((devices, names))
         else:
             live = _rename_all(live, fail)
             flush.flush(held)
     except Exception as e:
+        # After a failed syncfs, a later one may succeed without the lost writes: links
+        # still pending are left to the next boot's recovery, never retired on its word.
+        store._linked = []
         for i, item in live:
             fail(i, item, e)
         return []
@@ -1522,7 +1607,7 @@ class MaildirDelivery:
                 os.unlink(path)
         return self.queue_id
 
-    def _stage_small(self, item: _Staged, data: bytes, wire: int) -> None:
+    def _stage_small(self, item: _Staged, data: bytes, wire: int, by_filesystem: bool) -> None:
         """A buffered message, for :func:`_commit_group`: written straight into the first
         recipient's tmp/ (left open for the group's fsync) and hard-linked from there into
         the others' tmp/; ``item`` records each copy, so a failure can be rolled back."""
@@ -1532,11 +1617,16 @@ class MaildirDelivery:
         first: str | None = None
         # Named for recovery (see _RECOVERABLE) when a syncfs group commit may acknowledge
         # it before its link into new/ is durable.
-        mark = ""
-        if store.boot is not None and store.group_flush is not None:
-            mark = f",J={store.boot}-{zlib.crc32(data):08x}"
         for maildir in self._targets:
             store.ensure_maildir(maildir)
+        mark = ""
+        if (
+            by_filesystem
+            and store.boot is not None
+            and all(store.syncfs_covers(maildir) for maildir in self._targets)
+        ):
+            mark = f",J={store.boot}-{zlib.crc32(data):08x}"
+        for maildir in self._targets:
             name = store.unique_name(len(data), wire, not self._dot_lines)
             tmp_target = os.path.join(maildir, "tmp", name + mark)
             final = os.path.join(maildir, "new", name)
