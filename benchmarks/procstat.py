@@ -124,6 +124,12 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def main_threads_cpu(roots: list[int]) -> float:
+    """CPU seconds of the main threads of every process in the tree: for mailgate, the
+    reactor of the master and of each worker."""
+    return sum(thread_cpu(pid).get("main", 0.0) for pid in tree(roots))
+
+
 def _status_kb(pid: int, key: str) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:

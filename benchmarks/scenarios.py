@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from benchmarks import clients, loadgen, seed
-from benchmarks.procstat import MemorySampler, thread_cpu, tree_cpu, tree_memory_kb
+from benchmarks.procstat import MemorySampler, main_threads_cpu, tree_cpu, tree_memory_kb
 from benchmarks.servers import PASSWORD, Server
 
 Figures = dict[str, float]
@@ -63,17 +63,13 @@ def _user(local: str) -> str:
     return f"{local}@{seed.DOMAIN}"
 
 
-def _main_thread(before: dict[str, float], after: dict[str, float]) -> float:
-    """Reactor-thread CPU between two thread_cpu() readings. The rest of the process's CPU
-    is off the reactor: the thread pool and the short-lived threads Argon2id (p=4) starts,
-    whose time /proc only shows in the process total once they have exited."""
-    return after.get("main", 0.0) - before.get("main", 0.0)
-
-
 def closed_loop(server: Server, job: loadgen.Job, roots: list[int], unit: str) -> Figures:
     """Run a load job; figures: rate, server CPU per op, client CPU, peak memory."""
     single = server.name == "mailgate"
-    threads0 = thread_cpu(roots[0]) if single else {}
+    # Every process's main thread is a reactor; the rest of the CPU is off the reactor:
+    # the thread pools, and the short-lived threads Argon2id (p=4) starts, whose time
+    # /proc only shows in the process total once they have exited.
+    reactors0 = main_threads_cpu(roots) if single else 0.0
     cpu0 = tree_cpu(roots)
     with MemorySampler(roots) as mem:
         result = loadgen.run_job(job)
@@ -88,7 +84,7 @@ def closed_loop(server: Server, job: loadgen.Job, roots: list[int], unit: str) -
         "errors": float(result.errors),
     }
     if single:
-        main = _main_thread(threads0, thread_cpu(roots[0]))
+        main = main_threads_cpu(roots) - reactors0
         figures["reactor_cpu_ms_per_op"] = 1000 * main / ops
         figures["pool_cpu_ms_per_op"] = 1000 * (cpu - main) / ops
     if result.first_error:
