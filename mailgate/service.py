@@ -642,6 +642,7 @@ def build_service(
         run_in_thread,
         hostname=config.hostname,
         group_flush=group_flush(config.fsync, str(state / "mail"), is_child),
+        clock=reactor,
     )
     if not is_child:
         store.sweep_stale()  # before any worker starts delivering

@@ -408,6 +408,29 @@ class RecoverableGroupCommitTests(_GroupCommitCase):
             b"blocker\n", b"first\n", b"warm up\n",
         ]  # fmt: skip
 
+    def test_with_a_clock_the_retiring_waits_for_a_quiet_moment(self) -> None:
+        from twisted.internet.task import Clock
+
+        from mailgate.store.maildir import RETIRE_DELAY
+
+        self.warm_up()
+        clock = Clock()
+        self.store._clock = clock
+        self.start(b"one\n")
+        self.runner.run_one()
+        assert self.runner.jobs == []  # not at once
+        clock.advance(RETIRE_DELAY / 2)
+        d = self.start(b"two\n")  # a delivery within the delay ...
+        self.runner.run_one()
+        self.successResultOf(d)
+        assert len(self.tmp_names()) == 1  # ... retired "one" with its own syncfs
+        assert len(clock.getDelayedCalls()) == 1  # one timer, whatever the deliveries
+        clock.advance(RETIRE_DELAY / 2)  # it fires: "two" waits, at most this long
+        assert len(self.runner.jobs) == 1
+        self.runner.run_one()
+        assert self.tmp_names() == []
+        assert clock.getDelayedCalls() == []
+
     def test_a_delivery_waits_for_a_retiring_in_progress_then_runs(self) -> None:
         self.warm_up()
         self.start(b"one\n")

@@ -35,6 +35,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -191,6 +192,7 @@ class MaildirStore:
         group_flush: FilesystemFlush | None = None,
         cache_messages: int = DEFAULT_CACHE_MESSAGES,
         boot: str | None = THIS_BOOT,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.root = os.path.abspath(root.path if isinstance(root, FilePath) else root)
         self.spool = os.path.join(self.root, SPOOL_NAME)
@@ -209,6 +211,10 @@ class MaildirStore:
         #: touches it.
         self._linked: list[tuple[frozenset[int], list[str]]] = []
         self._syncfs_covered: dict[str, bool] = {}
+        #: Delays retiring when idle (RETIRE_DELAY) so that under load the next group's
+        #: syncfs does it; None: at once.
+        self._clock = clock
+        self._retire_call: IDelayedCall | None = None
         # Maildir -> its last scan (see _MaildirState), least recently used first.
         self._states: OrderedDict[str, _MaildirState] = OrderedDict()
         self._states_lock = threading.Lock()
@@ -443,9 +449,23 @@ class MaildirStore:
             if self._pending and not self._committing:
                 self._commit_next()
             elif self._linked and not self._committing:
-                self._retire_when_idle()
+                self._retire_soon()
 
         running.addBoth(settle)
+
+    def _retire_soon(self) -> None:
+        """Retire the pending tmp/ names RETIRE_DELAY from now, unless a group is running
+        then: meanwhile each group's own syncfs retires its predecessors', so steady
+        deliveries take one syncfs per group and at most one more per RETIRE_DELAY."""
+        if self._clock is None:
+            self._retire_when_idle()
+        elif self._retire_call is None:
+            self._retire_call = self._clock.callLater(RETIRE_DELAY, self._retire_due)
+
+    def _retire_due(self) -> None:
+        self._retire_call = None
+        if self._linked and not self._committing:
+            self._retire_when_idle()
 
     def _retire_when_idle(self) -> None:
         """No delivery waiting: make the last group's links durable and drop its tmp/
@@ -1170,6 +1190,9 @@ def _roll_back(staged: list[tuple[str, str]], delivered: list[str], store: Maild
         with contextlib.suppress(OSError):
             store.fsync_dir(directory)
 
+
+#: Seconds without a delivery before a process makes its last links durable by itself.
+RETIRE_DELAY = 0.5
 
 #: Messages committed in one group at most (bounds the latency of the last one in it).
 GROUP_MAX = 64
