@@ -478,12 +478,17 @@ class RecoverableGroupCommitTests(_GroupCommitCase):
         assert self.tmp_names() == []
         assert self.fsync.calls == 2  # the file and new/
 
-    def test_names_go_only_after_a_syncfs_that_followed_their_links(self) -> None:
+    def blocker_then_next(self) -> Deferred[str]:
+        """A group to ALICE and BOB committed, and one more delivery waiting behind it."""
         self.warm_up()
         blocker = self.start(b"blocker\n", ALICE, BOB)
         d = self.start(b"next\n")
         self.runner.run_one()
         self.successResultOf(blocker)
+        return d
+
+    def test_names_go_only_after_a_syncfs_that_followed_their_links(self) -> None:
+        d = self.blocker_then_next()
         (alice_copy,) = self.tmp_names()
         assert len(self.tmp_names(BOB)) == 1
         self.syncfs.watch = self.maildir() / "tmp"
@@ -495,11 +500,7 @@ class RecoverableGroupCommitTests(_GroupCommitCase):
         assert self.tmp_names(BOB) == []  # every recipient's copy
 
     def test_a_per_file_group_retires_the_syncfs_groups_before_it(self) -> None:
-        self.warm_up()
-        blocker = self.start(b"blocker\n", ALICE, BOB)
-        d = self.start(b"next\n")
-        self.runner.run_one()
-        self.successResultOf(blocker)
+        d = self.blocker_then_next()
         self.flush._per_file = True  # fell back (say, a slow syncfs elsewhere) ...
         self.flush._next_probe = self.clock.now + 1000  # ... and no probe due yet
         self.runner.run_one()

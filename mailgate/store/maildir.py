@@ -1209,8 +1209,8 @@ def _publish(staged: list[tuple[str, str]], delivered: list[str], store: Maildir
 
 def _roll_back(staged: list[tuple[str, str]], delivered: list[str], store: MaildirStore) -> None:
     """Undo a partial delivery durably: unlink every copy, then fsync the new/ directories."""
-    # Every tmp/ name too: a copy hard-linked into new/ (see _link_all) still has one, and
-    # a later boot would otherwise deliver it (see MaildirStore._recover).
+    # Every tmp/ name too: a copy hard-linked into new/ (_durable_by_filesystem) still
+    # has one, and a later boot would otherwise deliver it (see MaildirStore._recover).
     for path in [*delivered, *(t for t, _ in staged)]:
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -1297,26 +1297,16 @@ def _commit_group(
 _Fail = Callable[[int, "_Staged", Exception], None]
 
 
-def _rename_all(live: list[tuple[int, _Staged]], fail: _Fail) -> list[tuple[int, _Staged]]:
+def _publish_all(
+    live: list[tuple[int, _Staged]], fail: _Fail, publish: Callable[[str, str], None]
+) -> list[tuple[int, _Staged]]:
+    """``publish`` (os.rename or os.link) every staged copy into new/; an item whose copy
+    fails is rolled back by ``fail``. Returns the items that made it."""
     still: list[tuple[int, _Staged]] = []
     for i, item in live:
         try:
             for tmp_target, final in item.staged:
-                os.rename(tmp_target, final)
-                item.delivered.append(final)
-        except Exception as e:
-            fail(i, item, e)
-            continue
-        still.append((i, item))
-    return still
-
-
-def _link_all(live: list[tuple[int, _Staged]], fail: _Fail) -> list[tuple[int, _Staged]]:
-    still: list[tuple[int, _Staged]] = []
-    for i, item in live:
-        try:
-            for tmp_target, final in item.staged:
-                os.link(tmp_target, final)
+                publish(tmp_target, final)
                 item.delivered.append(final)
         except Exception as e:
             fail(i, item, e)
@@ -1403,7 +1393,7 @@ def _durable_by_file(
             fail(i, item, e)
             continue
         still.append((i, item))
-    live = _rename_all(still, fail)
+    live = _publish_all(still, fail, os.rename)
     broken: dict[str, OSError] = {}
     for directory in dict.fromkeys(
         os.path.dirname(final) for _, item in live for final in item.delivered
@@ -1476,12 +1466,12 @@ def _durable_by_filesystem(
             # first; the tmp/ names go once a later syncfs has covered the links.
             devices = frozenset(copies_per_fs)
             _unlink_covered(store, devices)
-            live = _link_all(live, fail)
+            live = _publish_all(live, fail, os.link)
             names = [t for _, item in live for t, _ in item.staged]
             if names:
                 store._linked.append((devices, names))
         else:
-            live = _rename_all(live, fail)
+            live = _publish_all(live, fail, os.rename)
             flush.flush(held)
     except Exception as e:
         # After a failed syncfs, a later one may succeed without the lost writes: links
