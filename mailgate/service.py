@@ -646,6 +646,7 @@ def build_service(
     )
     if not is_child:
         store.sweep_stale()  # before any worker starts delivering
+    reactor.addSystemEventTrigger("before", "shutdown", store.retire_pending)
     spool = Spool(state / "spool", run_in_thread, reactor)
     realm = MailRealm(store, users, config.all_local_domains, spool)
     checker = PasswordChecker(

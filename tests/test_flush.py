@@ -431,6 +431,31 @@ class RecoverableGroupCommitTests(_GroupCommitCase):
         assert self.tmp_names() == []
         assert clock.getDelayedCalls() == []
 
+    def test_a_copy_that_could_not_be_marked_gets_renames_and_two_syncfs(self) -> None:
+        self.warm_up()
+        patch(self, self.store, "syncfs_covers", lambda maildir: False)  # say, EMFILE
+        d = self.start(b"plain\n")
+        self.runner.run_one()
+        self.successResultOf(d)
+        assert len(self.syncfs.calls) == 2  # acknowledged only once new/ is durable
+        assert self.tmp_names() == [] and self.store._linked == []
+
+    def test_a_stop_retires_what_is_pending(self) -> None:
+        from twisted.internet.task import Clock
+
+        self.warm_up()
+        clock = Clock()
+        self.store._clock = clock
+        self.start(b"one\n")
+        self.runner.run_one()
+        assert len(self.tmp_names()) == 1 and len(clock.getDelayedCalls()) == 1
+        stopping = self.store.retire_pending()
+        assert stopping is not None and clock.getDelayedCalls() == []
+        self.runner.run_one()
+        self.successResultOf(stopping)
+        assert self.tmp_names() == []
+        assert self.store.retire_pending() is None  # nothing left
+
     def test_a_delivery_waits_for_a_retiring_in_progress_then_runs(self) -> None:
         self.warm_up()
         self.start(b"one\n")

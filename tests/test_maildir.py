@@ -1058,5 +1058,9 @@ class CollectionPausedTests(unittest.TestCase):
         store = MaildirStore(str(base / "mail"), run_sync, hostname="h")
         drop: IMaildrop = self.successResultOf(store.open_maildrop(ALICE))
         drop.release()
-        assert seen == [False]
+        new = base / "mail" / ALICE.domain / ALICE.local / "Maildir" / "new"
+        (new / "1700000000.M1P1Q1.h,S=3,W=4").write_bytes(b"hi\n")
+        drop = self.successResultOf(store.open_maildrop(ALICE))  # a rescan, state cached
+        drop.release()
+        assert seen == [False, True]  # only the first scan of a maildrop pauses it
         assert gc.isenabled()

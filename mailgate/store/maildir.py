@@ -229,7 +229,8 @@ class MaildirStore:
         self._complete: set[str] = set()
 
     def sweep_stale(self, max_age: float = STALE_AGE, now: float | None = None) -> int:
-        """Remove what crashed deliveries left in ``.incoming`` (start-up, master only).
+        """Remove what crashed deliveries left in ``.incoming`` (start-up, master only),
+        then recover every Maildir's copies from an earlier boot (see recover_all).
 
         Only files older than ``max_age`` (36 h, the Maildir convention for tmp/) go, so a
         delivery another process is writing right now is never touched. Returns the count.
@@ -255,10 +256,10 @@ class MaildirStore:
         Maildir it first uses (see _recover)."""
         if self.boot is None:
             return
-        for domain in self._regular_names_in(self.root):
+        for domain in self._names_in(self.root):
             if domain.startswith("."):
                 continue
-            for local in self._regular_names_in(os.path.join(self.root, domain)):
+            for local in self._names_in(os.path.join(self.root, domain)):
                 maildir = os.path.join(self.root, domain, local, "Maildir")
                 if os.path.isdir(os.path.join(maildir, "tmp")):
                     self._sweep_tmp(maildir)
@@ -305,7 +306,8 @@ class MaildirStore:
 
     def _sweep_tmp(self, maildir: str, max_age: float = STALE_AGE) -> int:
         """Remove what a crash left in ``tmp/`` (files older than 36 h, the Maildir rule),
-        once per process and Maildir: a delivery in progress is never that old."""
+        once per process and Maildir: a delivery in progress is never that old. Copies an
+        earlier boot's group commit marked are recovered instead (see _recover)."""
         cutoff = time.time() - max_age
         removed = 0
         earlier_boot: list[tuple[str, re.Match[str]]] = []
@@ -361,14 +363,17 @@ class MaildirStore:
                         data = f.read()
                     crc = int(mark["crc"], 16)
                     if size_field(base, "S") == len(data) and zlib.crc32(data) == crc:
-                        with contextlib.suppress(FileExistsError):
+                        try:
                             os.link(path, os.path.join(new, base))
+                        except FileExistsError:
+                            pass  # another process of this boot recovered it
                         recovered += 1
                     else:
                         _log.warn("removing {path}: incomplete, never acknowledged", path=path)
                 done.append(path)
-            except FileNotFoundError:
-                pass  # another process of this boot recovered it meanwhile
+            except FileNotFoundError as e:
+                if os.path.exists(path):  # not recovered meanwhile: new/ itself is missing
+                    _log.error("cannot recover {path}: {error}", path=path, error=e)
             except OSError as e:
                 _log.error("cannot recover {path}: {error}", path=path, error=e)
         try:
@@ -386,7 +391,7 @@ class MaildirStore:
             )
 
     @staticmethod
-    def _regular_names_in(directory: str) -> list[str]:
+    def _names_in(directory: str) -> list[str]:
         try:
             return os.listdir(directory)
         except OSError:
@@ -420,8 +425,8 @@ class MaildirStore:
         """Deliver a buffered message together with whatever else is waiting.
 
         One thread hop writes every waiting message, fsyncs each, renames them all into
-        new/ and fsyncs each new/ directory once: with many concurrent submissions that is
-        one directory fsync (and one journal commit) for a group, not one per message.
+        new/ and fsyncs each new/ directory once (per-file mode): with many concurrent
+        submissions that is one directory fsync for a group, not one per message.
         With a ``group_flush`` the file and directory fsyncs become one syncfs per
         filesystem, whatever the size of the group (see _durable_by_filesystem).
         Only one group is in flight; messages arriving meanwhile form the next one, so the
@@ -453,6 +458,25 @@ class MaildirStore:
                 self._retire_soon()
 
         running.addBoth(settle)
+
+    def retire_pending(self) -> Deferred[None] | None:
+        """At shutdown: make the last links durable and drop their tmp/ names now (a
+        Deferred for the "before shutdown" trigger), so that no stopped process leaves
+        copies a later boot could deliver again."""
+        call, self._retire_call = self._retire_call, None
+        if call is not None and call.active():
+            call.cancel()
+        if not self._linked or self._committing:
+            return None
+        self._committing = True
+        d: Deferred[None] = self._run(_retire_linked, self)
+
+        def done(result: object) -> None:
+            self._committing = False
+            if isinstance(result, Failure):
+                _log.failure("retiring delivered tmp/ names failed", result)
+
+        return d.addBoth(done)
 
     def _retire_soon(self) -> None:
         """Retire the pending tmp/ names RETIRE_DELAY from now, unless a group is running
@@ -582,7 +606,9 @@ class MaildirStore:
             raise MaildropUnavailable("maildrop cannot be locked") from None
         try:
             _name_holder(fd)
-            with collection_paused():
+            # A first scan builds the whole snapshot; later ones reuse most of it.
+            first = self._state_of(maildir) is None
+            with collection_paused() if first else contextlib.nullcontext():
                 messages = _Scanner(self, maildir).scan()
         except (OSError, UnicodeError) as e:
             os.close(fd)
@@ -607,8 +633,9 @@ def collection_paused() -> Iterator[None]:
     A first scan of 100,000 messages allocates ~500,000 objects: CPython's collector then
     runs hundreds of times and traverses the whole heap in its older generations, which in
     a process holding 300,000 other objects was ~20% of the scan (0.60 s became 0.71-0.79).
-    Reference counting still frees everything; collection resumes when the last concurrent
-    scan ends, unless it was off before the first began.
+    The snapshot is acyclic, so reference counting frees what it drops; cyclic garbage the
+    other threads make meanwhile waits until collection resumes, when the last concurrent
+    first scan ends (unless it was off before). Used for a maildrop's first scan only.
     """
     global _paused_scans, _paused_by_us
     with _paused_lock:
@@ -1233,13 +1260,15 @@ GROUP_MAX = 64
 class _Staged:
     """One message of a group: its copies in tmp/ and the file whose fsync covers them."""
 
-    __slots__ = ("delivered", "delivery", "fds", "staged")
+    __slots__ = ("delivered", "delivery", "fds", "recoverable", "staged")
 
     def __init__(self, delivery: MaildirDelivery) -> None:
         self.delivery = delivery
         self.staged: list[tuple[str, str]] = []
         self.delivered: list[str] = []
         self.fds: list[int] = []
+        #: Whether every copy carries a recovery mark (_RECOVERABLE) in its tmp/ name.
+        self.recoverable = False
 
     def close(self) -> None:
         fds, self.fds = self.fds, []
@@ -1331,7 +1360,9 @@ def _unlink_covered(store: MaildirStore, devices: frozenset[int]) -> None:
 
 def _retire_linked(store: MaildirStore) -> None:
     """Thread pool, no group in flight: make every pending link durable, then drop the
-    tmp/ names. A name whose link cannot be made durable yet is kept for the next try."""
+    tmp/ names. If that fails they stay in tmp/ for the next boot's recovery, which drops
+    those whose link did reach new/ (a failed flush is never followed by a retry here,
+    see _durable_by_filesystem)."""
     names = [name for _, group in store._linked for name in group]
     maildirs = dict.fromkeys(os.path.dirname(os.path.dirname(n)) for n in names)
     try:
@@ -1458,8 +1489,16 @@ def _durable_by_filesystem(
             else:
                 still.append((i, item))
         live = still
-        flush.flush(held)
-        if store.boot is not None:
+        try:
+            flush.flush(held)
+        except OSError:
+            # A later syncfs may succeed without the writes this one lost: links still
+            # pending are left to the next boot's recovery, never retired on its word.
+            if store._linked:
+                _log.warn("leaving the tmp/ names of delivered messages to recovery")
+            store._linked = []
+            raise
+        if all(item.recoverable for _, item in live):
             # One syncfs is enough: every copy is now on stable storage under a tmp/
             # name a later boot recovers (see MaildirStore._recover). Links, not renames,
             # so that a name survives a crash whichever directory block reaches the disk
@@ -1474,9 +1513,6 @@ def _durable_by_filesystem(
             live = _publish_all(live, fail, os.rename)
             flush.flush(held)
     except Exception as e:
-        # After a failed syncfs, a later one may succeed without the lost writes: links
-        # still pending are left to the next boot's recovery, never retired on its word.
-        store._linked = []
         for i, item in live:
             fail(i, item, e)
         return []
@@ -1671,6 +1707,7 @@ class MaildirDelivery:
             and all(store.syncfs_covers(maildir) for maildir in self._targets)
         ):
             mark = f",J={store.boot}-{zlib.crc32(data):08x}"
+            item.recoverable = True
         for maildir in self._targets:
             name = store.unique_name(len(data), wire, not self._dot_lines)
             tmp_target = os.path.join(maildir, "tmp", name + mark)
