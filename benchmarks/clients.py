@@ -1,13 +1,13 @@
-"""Minimal asyncio POP3 and SMTP clients, just enough protocol for the load generator.
+"""Minimal asyncio POP3 clients for the scenarios that are not closed loops (the huge
+maildrop, idle connections); the closed loops use :mod:`benchmarks.scripted`.
 
-Every reply is checked: a ``-ERR`` or an unexpected SMTP code raises :class:`ProtocolError`, so
-a benchmark never counts a failed operation as a fast one.
+Every reply is checked: a ``-ERR`` raises :class:`ProtocolError`, so a benchmark never
+counts a failed operation as a fast one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import socket
 import ssl
 
@@ -135,54 +135,6 @@ async def pop3_quit(c: Conn) -> None:
 async def pop3_stat(c: Conn) -> tuple[int, int]:
     parts = (await pop3_cmd(c, b"STAT")).split()
     return int(parts[1]), int(parts[2])
-
-
-# -- SMTP --------------------------------------------------------------------------------
-
-
-async def smtp_reply(c: Conn, expect: int) -> list[bytes]:
-    lines = []
-    while True:
-        line = await c.line()
-        lines.append(line)
-        if len(line) < 4 or line[3:4] != b"-":
-            break
-    code = int(lines[-1][:3]) if lines[-1][:3].isdigit() else 0
-    if code != expect:
-        raise ProtocolError(b" / ".join(lines)[:160].decode("latin-1"))
-    return lines
-
-
-async def smtp_cmd(c: Conn, cmd: bytes, expect: int) -> list[bytes]:
-    c.send(cmd + b"\r\n")
-    return await smtp_reply(c, expect)
-
-
-async def smtp_login(port: int, user: str, password: str, tls: ssl.SSLContext | None) -> Conn:
-    c = await Conn.open(port, tls)
-    await smtp_reply(c, 220)
-    await smtp_cmd(c, b"EHLO bench.client", 250)
-    token = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
-    await smtp_cmd(c, b"AUTH PLAIN " + token, 235)
-    return c
-
-
-async def smtp_send(c: Conn, sender: str, rcpt: str, wire_body: bytes) -> None:
-    """One transaction; ``wire_body`` is already CRLF, dot-stuffed and ends with CRLF."""
-    await smtp_cmd(c, b"MAIL FROM:<" + sender.encode() + b">", 250)
-    await smtp_cmd(c, b"RCPT TO:<" + rcpt.encode() + b">", 250)
-    await smtp_cmd(c, b"DATA", 354)
-    c.send(wire_body + b".\r\n")
-    await smtp_reply(c, 250)
-
-
-async def smtp_quit(c: Conn) -> None:
-    c.send(b"QUIT\r\n")
-    try:
-        await smtp_reply(c, 221)
-    except ProtocolError:
-        pass
-    await c.close()
 
 
 # -- a bulk reader for one big RETR ------------------------------------------------------

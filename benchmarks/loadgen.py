@@ -114,7 +114,7 @@ async def _worker(
             try:
                 await scripted.run_session(job.port, steps, tls, OP_TIMEOUT)
                 state["ops"] += units
-            except (OSError, clients.ProtocolError, TimeoutError, asyncio.IncompleteReadError) as e:
+            except (OSError, clients.ProtocolError, TimeoutError) as e:
                 state["errors"] += 1
                 if not state["first_error"]:
                     state["first_error"] = f"{type(e).__name__}: {e}"

@@ -140,11 +140,14 @@ def markdown(result: Result, prev: dict[str, Any] | None) -> str:
     ]
     regressions = []
     for scenario, fig, label, better in ROWS:
-        if scenario not in result.figures:
-            continue
         smtp = scenario.startswith(SMTP_SCENARIOS)
         peer = result.peers["submission" if smtp else "pop3"]
         mine = _get(cur, scenario, "mailgate", fig)
+        if mine is None:
+            if better and prev is not None and _get(prev, scenario, "mailgate", fig) is not None:
+                lines.append(f"| {label} | missing (failed?) | | | **REGRESSION** | |")
+                regressions.append(label.strip())
+            continue
         theirs = _get(cur, scenario, peer, fig) if peer != "n/a" else None
         ratio = f"{mine / theirs:.2f}" if mine is not None and theirs else "n/a"
         change = ratio_change = ""
@@ -155,6 +158,9 @@ def markdown(result: Result, prev: dict[str, Any] | None) -> str:
             if old:
                 delta = (mine - old) / old
                 change = f"{delta:+.0%}"
+            elif old == 0 and better == "lower" and mine > 0:
+                delta = float("inf")  # e.g. memory growth during RETR, which was none
+                change = "was 0"
             if old and theirs and old_theirs:
                 ratio_delta = (mine / theirs) / (old / old_theirs) - 1
                 ratio_change = f"{ratio_delta:+.0%}"

@@ -160,9 +160,10 @@ async def run_session(
     loop = asyncio.get_running_loop()
     done: asyncio.Future[bool] = loop.create_future()
     session = ScriptedSession(steps, done)
-    await loop.create_connection(lambda: session, "127.0.0.1", port, ssl=tls)
-    watchdog = loop.call_later(timeout, session.abort)
     try:
-        await done
+        # One deadline for connect, handshake and script (no extra task, unlike wait_for).
+        async with asyncio.timeout(timeout):
+            await loop.create_connection(lambda: session, "127.0.0.1", port, ssl=tls)
+            await done
     finally:
-        watchdog.cancel()
+        session.abort()  # closes the connection if a timeout or error left it open

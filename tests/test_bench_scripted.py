@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -95,3 +96,48 @@ def test_a_session_runs_to_its_end_and_a_refusal_fails_it() -> None:
     assert heard[-1] == b"QUIT\r\n" and b"hi\r\n" in heard
     with pytest.raises(Exception, match="550"):
         asyncio.run(scenario(True))
+
+
+def _run(figures: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from benchmarks.report import Result
+
+    result = Result(
+        mode="full", started="t", duration_s=1.0, sizes={"rounds": 1, "duration": 1.0},
+        machine={"cpus": 2, "python": "3"}, peers={"pop3": "dovecot", "submission": "postfix"},
+        figures=figures,
+    )  # fmt: skip
+    data = asdict(result)
+    data["_file"] = "previous.json"
+    return data
+
+
+def _table(current: dict[str, Any], previous: dict[str, Any]) -> str:
+    from benchmarks.report import Result, markdown
+
+    fields = {k: v for k, v in current.items() if k != "_file"}
+    return markdown(Result(**fields), previous)
+
+
+def _retr(mine: float, theirs: float, growth: float = 0.0) -> dict[str, dict[str, float]]:
+    return {
+        "mailgate": {"retr_mb_per_s": mine, "mem_growth_mb": growth},
+        "dovecot": {"retr_mb_per_s": theirs, "mem_growth_mb": 0.0},
+    }
+
+
+def test_a_slower_machine_is_not_a_regression_but_losing_ground_to_the_peer_is() -> None:
+    before = _run({"retr_big": _retr(1000, 400)})
+    slower_machine = _table(_run({"retr_big": _retr(800, 320)}), before)
+    assert "REGRESSION" not in slower_machine and "-20%" in slower_machine
+    lost_ground = _table(_run({"retr_big": _retr(800, 400)}), before)
+    assert "Regressions: RETR one big message: MB/s" in lost_ground
+
+
+def test_growth_from_nothing_and_a_missing_figure_are_regressions() -> None:
+    before = _run({"retr_big": _retr(1000, 400)})
+    grew = _table(_run({"retr_big": _retr(1000, 400, growth=60.0)}), before)
+    assert "server memory growth during RETR MB" in grew.split("Regressions:")[1]
+    failed = _table(_run({}), before)
+    assert "missing (failed?)" in failed and "Regressions: RETR one big message" in failed
