@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 
 from mailgate import fileio
@@ -408,16 +409,19 @@ class RecoverableGroupCommitTests(_GroupCommitCase):
             b"blocker\n", b"first\n", b"warm up\n",
         ]  # fmt: skip
 
-    def test_with_a_clock_the_retiring_waits_for_a_quiet_moment(self) -> None:
-        from twisted.internet.task import Clock
-
-        from mailgate.store.maildir import RETIRE_DELAY
-
+    def one_group_on_a_clock(self) -> Clock:
+        """Warmed up, a reactor clock for the store, and the group "one" committed."""
         self.warm_up()
         clock = Clock()
         self.store._clock = clock
         self.start(b"one\n")
         self.runner.run_one()
+        return clock
+
+    def test_with_a_clock_the_retiring_waits_for_a_quiet_moment(self) -> None:
+        from mailgate.store.maildir import RETIRE_DELAY
+
+        clock = self.one_group_on_a_clock()
         assert self.runner.jobs == []  # not at once
         clock.advance(RETIRE_DELAY / 2)
         d = self.start(b"two\n")  # a delivery within the delay ...
@@ -441,13 +445,7 @@ class RecoverableGroupCommitTests(_GroupCommitCase):
         assert self.tmp_names() == [] and self.store._linked == []
 
     def test_a_stop_retires_what_is_pending(self) -> None:
-        from twisted.internet.task import Clock
-
-        self.warm_up()
-        clock = Clock()
-        self.store._clock = clock
-        self.start(b"one\n")
-        self.runner.run_one()
+        clock = self.one_group_on_a_clock()
         assert len(self.tmp_names()) == 1 and len(clock.getDelayedCalls()) == 1
         stopping = self.store.retire_pending()
         assert stopping is not None and clock.getDelayedCalls() == []

@@ -256,10 +256,10 @@ class MaildirStore:
         Maildir it first uses (see _recover)."""
         if self.boot is None:
             return
-        for domain in self._names_in(self.root):
+        for domain in _listing(self.root, quiet=True):
             if domain.startswith("."):
                 continue
-            for local in self._names_in(os.path.join(self.root, domain)):
+            for local in _listing(os.path.join(self.root, domain), quiet=True):
                 maildir = os.path.join(self.root, domain, local, "Maildir")
                 if os.path.isdir(os.path.join(maildir, "tmp")):
                     self._sweep_tmp(maildir)
@@ -390,13 +390,6 @@ class MaildirStore:
                 "recovered {n} messages into {path}/new after a crash", n=recovered, path=maildir
             )
 
-    @staticmethod
-    def _names_in(directory: str) -> list[str]:
-        try:
-            return os.listdir(directory)
-        except OSError:
-            return []
-
     def syncfs_covers(self, maildir: str) -> bool:
         """Whether a syncfs group commit would cover ``maildir`` (kept per Maildir)."""
         known = self._syncfs_covered.get(maildir)
@@ -468,15 +461,7 @@ class MaildirStore:
             call.cancel()
         if not self._linked or self._committing:
             return None
-        self._committing = True
-        d: Deferred[None] = self._run(_retire_linked, self)
-
-        def done(result: object) -> None:
-            self._committing = False
-            if isinstance(result, Failure):
-                _log.failure("retiring delivered tmp/ names failed", result)
-
-        return d.addBoth(done)
+        return self._retire_when_idle()
 
     def _retire_soon(self) -> None:
         """Retire the pending tmp/ names RETIRE_DELAY from now, unless a group is running
@@ -492,7 +477,7 @@ class MaildirStore:
         if self._linked and not self._committing:
             self._retire_when_idle()
 
-    def _retire_when_idle(self) -> None:
+    def _retire_when_idle(self) -> Deferred[None]:
         """No delivery waiting: make the last group's links durable and drop its tmp/
         names now rather than at the next delivery (see :func:`_retire_linked`)."""
         self._committing = True
@@ -504,7 +489,8 @@ class MaildirStore:
             if self._pending:
                 self._commit_next()
 
-        self._run(_retire_linked, self).addBoth(settle)
+        retiring: Deferred[None] = self._run(_retire_linked, self)
+        return retiring.addBoth(settle)
 
     def unique_name(self, file_size: int, wire_size: int, dot_free: bool = False) -> str:
         now = time.time_ns()
@@ -1200,12 +1186,17 @@ def _open_unbuffered(path: str) -> IO[bytes]:
     return open(path, "rb", buffering=0)
 
 
-def _listing(directory: str) -> list[str]:
-    """The names in ``directory``; none if it does not exist, OSError for other failures."""
+def _listing(directory: str, quiet: bool = False) -> list[str]:
+    """The names in ``directory``; none if it does not exist (or, ``quiet``, cannot be
+    listed at all); else OSError for other failures."""
     try:
         return os.listdir(directory)
     except FileNotFoundError:
         return []
+    except OSError:
+        if quiet:
+            return []
+        raise
 
 
 def _sole_link(one: str, other: str) -> bool:
