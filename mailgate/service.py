@@ -47,7 +47,7 @@ from mailgate.errors import ConfigError
 from mailgate.interfaces import ThreadRunner
 from mailgate.lab.faults import FaultFactory, FaultPolicy
 from mailgate.lab.transcript import TranscriptFactory, TranscriptStore
-from mailgate.limits import POP3_REFUSAL, LimitSettings, guard, smtp_line_timeout, smtp_refusal
+from mailgate.limits import POP3_REFUSAL, LimitSettings, guard, smtp_refusal
 from mailgate.logsink import MasterLog
 from mailgate.model import Address, Envelope
 from mailgate.pop3.server import Pop3Factory, Pop3Profile, Pop3Settings
@@ -422,9 +422,9 @@ def _legacy_offer(
 class _Wiring:
     """Builds each listener's protocol factory and the wrappers around it.
 
-    Order, inside out: protocol, lab fault injection, lab transcripts, slow-client watchdog,
-    implicit TLS, connection limiter (see mailgate.limits.guard). Faults sit inside
-    transcripts so injected replies are recorded; all of them see plaintext.
+    Order, inside out: protocol (which owns its slow-client watchdog), lab fault injection,
+    lab transcripts, implicit TLS, connection limiter (see mailgate.limits.guard). Faults
+    sit inside transcripts so injected replies are recorded; all of them see plaintext.
     """
 
     def __init__(
@@ -460,8 +460,6 @@ class _Wiring:
         self.limits = LimitSettings(
             max_total=config.limits.max_connections,
             max_per_peer=config.limits.max_per_peer,
-            line_time=config.limits.line_time,
-            min_rate=config.limits.min_rate,
         )
         self._transcripts: TranscriptStore | None = None
         self._run_in_thread = run_in_thread
@@ -498,7 +496,6 @@ class _Wiring:
             self.limits,
             self.clock,
             refuse_reply=POP3_REFUSAL if pop3 else smtp_refusal(host),
-            timeout_reply=b"" if pop3 else smtp_line_timeout(host),
             tls_context=self.context if listener.tls == "implicit" else None,
         )
 
@@ -532,6 +529,8 @@ class _Wiring:
             throttle=self.throttle,
             max_commands=config.pop3.max_commands,
             max_junk=config.pop3.max_junk,
+            line_time=config.limits.line_time,
+            min_rate=config.limits.min_rate,
         )
 
     def smtp_settings(self, listener: Listener) -> SmtpSettings:
@@ -556,6 +555,8 @@ class _Wiring:
             throttle=self.throttle,
             max_commands=config.smtp.max_commands,
             max_junk=config.smtp.max_junk,
+            line_time=config.limits.line_time,
+            min_rate=config.limits.min_rate,
         )
 
 

@@ -1,5 +1,5 @@
-"""Transport plumbing both line protocols share: timers on an injected clock, TCP_NODELAY,
-replies sent without a reactor turn."""
+"""Transport plumbing both line protocols share: timers on an injected clock, the slowloris
+watchdog, TCP_NODELAY, replies sent without a reactor turn."""
 
 from __future__ import annotations
 
@@ -27,6 +27,119 @@ class ClockedTimeout(TimeoutMixin):
 
     def _set_timeout(self, period: float | None) -> None:
         self.setTimeout(period)  # type: ignore[no-untyped-call]
+
+
+class PartialLineWatch:
+    """The slowloris watchdog of one session, fed by its protocol.
+
+    Both servers reset their idle timers only on complete lines, so a client dripping one
+    byte every few seconds would be held for the whole idle timeout (600 s, as the RFCs
+    ask). This bounds a partial line by ``line_time`` instead. It lives in the protocol,
+    not in a wrapper around it: a wrapper layer was a Python call on every read, write,
+    connect and close (see mailgate/limits.py).
+
+    A window opens with the first byte of a partial line and closes with its LF. When it
+    has been open ``line_time`` seconds, the session survives only if the line grew by at
+    least ``min_rate`` bytes per second meanwhile (0 disables that allowance); otherwise
+    ``expire`` is called once (the protocol logs, may reply, and closes). The window does
+    not run while the protocol has paused reading: the rest of a line cannot arrive then.
+    """
+
+    __slots__ = (
+        "_bytes",
+        "_call",
+        "_clock",
+        "_expire",
+        "_paused",
+        "_since",
+        "expired",
+        "line_time",
+        "min_rate",
+    )
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        line_time: float,
+        min_rate: float,
+        expire: Callable[[], None],
+    ) -> None:
+        if line_time <= 0 or min_rate < 0:
+            raise ValueError("line_time must be positive and min_rate not negative")
+        self._clock = clock
+        self.line_time = line_time
+        self.min_rate = min_rate
+        self._expire = expire
+        self._since: float | None = None  # when the current partial line (window) began
+        self._bytes = 0  # bytes of that partial line received in this window
+        self._call: IDelayedCall | None = None
+        self._paused = False
+        #: The session is over: whatever else arrives must not reach the protocol.
+        self.expired = False
+
+    def received(self, data: bytes) -> None:
+        """Plaintext from the client, before the protocol looks at it."""
+        if self.expired:
+            return
+        end = data.rfind(b"\n")
+        if end < 0:
+            if self._since is None:
+                self._open_window(len(data))
+            else:
+                self._bytes += len(data)
+        elif end + 1 < len(data):
+            self._open_window(len(data) - end - 1)
+        elif self._since is not None:
+            self._close_window()
+
+    def pause(self) -> None:
+        """The protocol stopped reading: the rest of a line cannot arrive, so do not count."""
+        self._paused = True
+        self._cancel()
+
+    def resume(self) -> None:
+        self._paused = False
+        if self._since is not None:
+            self._open_window(0)
+
+    def forget(self) -> None:
+        """STLS/STARTTLS: bytes pipelined before the switch are not a line still owed."""
+        self._close_window()
+
+    def stop(self) -> None:
+        """The connection is gone: no timer may outlive it."""
+        self._since = None
+        self._cancel()
+
+    def _open_window(self, size: int) -> None:
+        self._since = self._clock.seconds()
+        self._bytes = size
+        self._cancel()
+        if not self._paused and not self.expired:
+            self._call = self._clock.callLater(self.line_time, self._check)
+
+    def _close_window(self) -> None:
+        self._since = None
+        self._bytes = 0
+        self._cancel()
+
+    def _cancel(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _check(self) -> None:
+        self._call = None
+        if self._since is None:
+            return
+        elapsed = self._clock.seconds() - self._since
+        rate = self.min_rate
+        if rate > 0 and self._bytes >= rate * elapsed:
+            self._open_window(0)  # a long line arriving fast: not a slowloris
+            return
+        self.expired = True
+        self._since = None
+        self._expire()
 
 
 def set_no_delay(transport: Any) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IAddress, IProtocol, ITLSTransport, ITransport
+from twisted.internet.interfaces import IAddress, IProtocol, ITLSTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -19,12 +19,11 @@ from mailgate.limits import (
     POP3_REFUSAL,
     ConnectionLimiter,
     LimitSettings,
-    LineWatchdog,
     guard,
     peer_key,
-    smtp_line_timeout,
     smtp_refusal,
 )
+from mailgate.session import PartialLineWatch
 
 
 class Recorder(Protocol):
@@ -168,7 +167,7 @@ def test_refusal_goes_through_the_listeners_tls_wrapping() -> None:
     assert t.value() == POP3_REFUSAL
 
 
-def test_starttls_passes_through_the_wrappers() -> None:
+def test_starttls_reaches_the_socket() -> None:
     """STLS: the protocol's transport still provides ITLSTransport and reaches the socket."""
     app = RecorderFactory()
     factory = guard(app, LimitSettings(), Clock(), refuse_reply=POP3_REFUSAL)
@@ -184,26 +183,77 @@ def test_limits_reject_nonsense() -> None:
     with pytest.raises(ValueError):
         LimitSettings(max_total=0)
     with pytest.raises(ValueError):
-        LimitSettings(line_time=0)
+        PartialLineWatch(Clock(), 0, 100, lambda: None)
+    with pytest.raises(ValueError):
+        PartialLineWatch(Clock(), 60, -1, lambda: None)
     with pytest.raises(ValueError):
         ConnectionLimiter(RecorderFactory(), Clock(), 1, 0)
 
 
-# -- LineWatchdog -----------------------------------------------------------------------
+def test_the_limiter_puts_nothing_between_protocol_and_transport() -> None:
+    """No wrapper layer in the data path: the protocol's transport is the connection."""
+    app = RecorderFactory()
+    limiter = ConnectionLimiter(app, Clock(), 10, 10, POP3_REFUSAL)
+    proto, t = connect(limiter, v4("192.0.2.1"))
+    assert proto is app.built[0] and proto.transport is t  # type: ignore[attr-defined]
+    assert limiter.open == 1
+    drop(proto)
+    drop(proto)  # a second report of the same loss is not a second uncount
+    assert app.built[0].lost and limiter.open == 0 and limiter.per_peer == {}
+
+
+# -- PartialLineWatch -------------------------------------------------------------------
+
+
+class Watched(Recorder):
+    """An application protocol wired to its watchdog as SmtpServer and Pop3Server are."""
+
+    def __init__(self, clock: Clock, line_time: float, min_rate: float, reply: bytes) -> None:
+        super().__init__()
+        self.reply = reply
+        self.watch = PartialLineWatch(clock, line_time, min_rate, self.expired)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.watch.expired:
+            return  # the session is over
+        self.watch.received(data)
+        super().dataReceived(data)
+
+    def pause(self) -> None:
+        self.watch.pause()
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resume(self) -> None:
+        self.watch.resume()
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def start_tls(self, context: object) -> None:
+        self.watch.forget()
+        self.transport.startTLS(context)  # type: ignore[union-attr]
+
+    def expired(self) -> None:
+        assert self.transport is not None
+        if self.reply:
+            self.transport.write(self.reply)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.watch.stop()
+        super().connectionLost(reason)
 
 
 def watched(
     line_time: float = 60.0, min_rate: float = 100.0, reply: bytes = b""
-) -> tuple[Clock, Recorder, TLSStringTransport, IProtocol]:
+) -> tuple[Clock, Watched, TLSStringTransport, Watched]:
     clock = Clock()
-    app = RecorderFactory()
-    dog = LineWatchdog(app, clock, line_time, min_rate, reply)
-    proto, t = connect(dog, v4("192.0.2.1"))
-    return clock, app.built[0], t, proto
+    proto = Watched(clock, line_time, min_rate, reply)
+    t = TLSStringTransport(v4("192.0.2.1"))
+    proto.makeConnection(t)  # type: ignore[no-untyped-call]
+    return clock, proto, t, proto
 
 
 def test_slowloris_is_closed_after_line_time_with_the_protocol_reply() -> None:
-    clock, app, t, proto = watched(reply=smtp_line_timeout("mx.example"))
+    clock, app, t, proto = watched(reply=b"421 4.4.2 mx.example Error: timeout exceeded\r\n")
     proto.dataReceived(b"E")
     for _ in range(19):
         clock.advance(3)
@@ -263,11 +313,11 @@ def test_zero_min_rate_means_no_allowance() -> None:
 def test_window_does_not_run_while_the_protocol_paused_reading() -> None:
     clock, app, t, proto = watched(line_time=10.0, min_rate=0.0)
     proto.dataReceived(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d")
-    app.transport.pauseProducing()  # type: ignore[union-attr]
+    app.pause()
     assert t.producerState == "paused"
     clock.advance(100)
     assert not t.disconnecting
-    app.transport.resumeProducing()  # type: ignore[union-attr]
+    app.resume()
     assert t.producerState == "producing"
     clock.advance(9)
     assert not t.disconnecting
@@ -278,7 +328,7 @@ def test_window_does_not_run_while_the_protocol_paused_reading() -> None:
 def test_bytes_pipelined_before_starttls_do_not_count() -> None:
     clock, app, t, proto = watched(line_time=10.0, min_rate=0.0)
     proto.dataReceived(b"STLS\r\n\x16\x03\x01")  # a client that did not wait for +OK
-    app.transport.startTLS(object())  # type: ignore[union-attr]
+    app.start_tls(object())
     clock.advance(30)
     assert not t.disconnecting
 
@@ -291,7 +341,7 @@ def test_connection_lost_cancels_the_timer() -> None:
     assert clock.getDelayedCalls() == []
 
 
-def test_guard_puts_the_watchdog_inside_implicit_tls_and_the_limiter_outside() -> None:
+def test_guard_puts_implicit_tls_inside_the_limiter() -> None:
     from twisted.internet.ssl import CertificateOptions
 
     context = CertificateOptions()
@@ -306,30 +356,22 @@ def test_guard_puts_the_watchdog_inside_implicit_tls_and_the_limiter_outside() -
     assert isinstance(factory, ConnectionLimiter)
     tls = factory.wrappedFactory
     assert isinstance(tls, TLSMemoryBIOFactory)
-    assert isinstance(tls.wrappedFactory, LineWatchdog)
-    assert tls.wrappedFactory.wrappedFactory is app
+    assert tls.wrappedFactory is app
     first = factory.buildProtocol(v4("192.0.2.1"))
     assert first is not None
     first.makeConnection(TLSStringTransport(v4("192.0.2.1")))
     refused = factory.buildProtocol(v4("192.0.2.1", 2))
     assert isinstance(refused, TLSMemoryBIOProtocol)  # the refusal is spoken inside TLS
+    assert factory.open == 1
+    drop(first)
+    assert factory.open == 0
 
 
-def test_wrappers_provide_what_their_transport_provides_per_kind_of_transport() -> None:
-    """The interface declaration is reused per kind of transport, never across kinds."""
-    limiter = ConnectionLimiter(
-        RecorderFactory(), Clock(), max_total=10, max_per_peer=10, refuse_reply=POP3_REFUSAL
-    )
-    watchdog = LineWatchdog(limiter, Clock())
-    for _ in range(2):  # the second round takes the cached declarations
-        tls_capable, _ = connect(watchdog, v4("192.0.2.1"))
-        plain = watchdog.buildProtocol(v4("192.0.2.2"))
-        assert plain is not None
-        plain.makeConnection(StringTransport())  # type: ignore[no-untyped-call]
-        for outer in (tls_capable, plain):
-            inner = cast(Any, outer).wrappedProtocol
-            assert ITransport.providedBy(outer) and ITransport.providedBy(inner)
-        assert ITLSTransport.providedBy(tls_capable)
-        assert ITLSTransport.providedBy(cast(Any, tls_capable).wrappedProtocol)
-        assert not ITLSTransport.providedBy(plain)
-        assert not ITLSTransport.providedBy(cast(Any, plain).wrappedProtocol)
+def test_a_plain_listener_gets_the_protocol_itself() -> None:
+    app = RecorderFactory()
+    factory: Any = guard(app, LimitSettings(), Clock(), refuse_reply=POP3_REFUSAL)
+    assert factory.wrappedFactory is app
+    proto, t = connect(factory, v4("192.0.2.1"))
+    built = app.built[0]
+    assert built.transport is t
+    assert proto is built

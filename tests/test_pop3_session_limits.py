@@ -169,3 +169,30 @@ def test_line_after_the_closing_reply_in_the_same_packet_is_ignored() -> None:
     out = s.send(b"BOGUS\r\nUSER alice\r\nPASS secret\r\n")
     assert out == TOO_MANY_INVALID
     assert s.state() is State.CLOSED
+
+
+# -- the partial-line watchdog ([limits] line_time, min_rate) ------------------------------
+
+
+def test_a_dripped_command_is_cut_after_line_time_without_update() -> None:
+    s = logged_in(line_time=10.0, min_rate=0.0)
+    assert s.cmd("DELE 1") == b"+OK Message 1 deleted\r\n"
+    with capturedLogs() as events:
+        s.send(b"QUI")
+        s.clock.advance(10)
+    assert s.take() == b""  # POP3 has no reply for it: the session just ends
+    assert_closed_without_update(s)
+    text = [formatEvent(e) for e in events]
+    assert any("a partial line pending for more than 10.0s" in t for t in text)
+
+
+def test_starttls_forgets_a_partial_line_pipelined_in_plaintext() -> None:
+    s = Session(line_time=10.0, min_rate=0.0)
+    assert s.send(b"STLS\r\n\x16\x03").startswith(b"+OK")
+    s.clock.advance(30)
+    assert not s.closed
+
+
+def test_pop3_line_time_is_checked_at_wiring_time() -> None:
+    with pytest.raises(ValueError):
+        Pop3Settings(hostname="h", line_time=0)

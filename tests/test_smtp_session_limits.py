@@ -174,3 +174,52 @@ def test_message_without_a_blank_line_over_the_header_limit() -> None:
     out = submit(s, b"".join(b"X-%d: v\r\n" % i for i in range(10)) + b".\r\n")
     assert out == b"552 5.3.4 Message header size exceeds limit\r\n"
     assert s.store.delivered == []
+
+
+# -- the partial-line watchdog ([limits] line_time, min_rate) ------------------------------
+
+TIMED_OUT = f"421 4.4.2 {HOST} Error: timeout exceeded\r\n".encode()
+
+
+def test_a_dripped_command_is_cut_after_line_time_with_421() -> None:
+    s = Session(settings(line_time=10.0, min_rate=0.0))
+    assert s.send(b"EHL") == b""
+    s.clock.advance(9)
+    assert s.send(b"O") == b"" and not s.closed
+    s.clock.advance(1)  # the window opened with the first byte, 10 s ago
+    assert s.take() == TIMED_OUT
+    assert s.closed and s.proto.state is State.CLOSED
+    assert s.send(b" c.example\r\n") == b""  # nothing after the cut is obeyed
+    s.proto.connectionLost()
+    assert [c for c in s.clock.getDelayedCalls() if c.active()] == []
+
+
+def test_a_dripped_message_is_cut_inside_data_too() -> None:
+    s = Session(settings(line_time=10.0, min_rate=100.0))
+    s.login()
+    assert s.cmd("MAIL FROM:<alice@example.com>").startswith(b"250")
+    assert s.cmd("RCPT TO:<bob@example.com>").startswith(b"250")
+    assert s.cmd("DATA").startswith(b"354")
+    assert s.send(b"Subject: x\r\n\r\nno end") == b""  # a partial line
+    s.clock.advance(5)
+    assert s.send(b"y") == b""
+    s.clock.advance(5)  # 7 bytes of it in 10 s: under 100 bytes/s
+    assert s.take() == TIMED_OUT
+    assert s.closed
+    assert s.store.delivered == []  # the cut message is not delivered
+
+
+def test_complete_lines_never_open_the_window() -> None:
+    s = Session(settings(line_time=10.0, min_rate=0.0))
+    for _ in range(5):
+        assert s.cmd("NOOP").startswith(b"250")
+        s.clock.advance(9.9)
+    assert not s.closed
+    assert [c for c in s.clock.getDelayedCalls() if c.active()] != []  # the idle timer only
+
+
+def test_line_time_is_checked_at_wiring_time() -> None:
+    with pytest.raises(ValueError):
+        settings(line_time=0)
+    with pytest.raises(ValueError):
+        settings(min_rate=-1)

@@ -149,9 +149,9 @@ def test_a_queued_reply_is_sent_before_the_close() -> None:
     peer.close()
 
 
-def test_quit_through_the_listener_wrappers_closes_at_once_and_uncounts() -> None:
-    """The limiter and the line watchdog sit between the protocol and the socket in
-    service; an immediate close must still pass through them (count, timers)."""
+def test_quit_on_a_guarded_listener_closes_at_once_and_uncounts() -> None:
+    """The limiter counts through the protocol's connectionLost and the line watchdog
+    lives in the protocol; an immediate close must still reach both (count, timers)."""
     ours, peer = socket_pair()
     reactor = Reactor()
     limiter: Any = guard(
@@ -169,7 +169,7 @@ def test_quit_through_the_listener_wrappers_closes_at_once_and_uncounts() -> Non
     outer.dataReceived(b"QUIT\r\n")
     assert not server.connected
     assert limiter.open == 0
-    assert outer.disconnecting  # as ProtocolWrapper.loseConnection would have marked it
+    assert outer.transport is server  # nothing in between
     assert not [c for c in reactor.getDelayedCalls() if c.active()]
     assert read_to_eof(peer).startswith(b"+OK mail.example.com POP3 server ready")
     peer.close()

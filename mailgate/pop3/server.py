@@ -57,7 +57,14 @@ from mailgate.pop3._grammar import (
     parse_xtnd,
 )
 from mailgate.pop3.xtnd import XmitPolicy, XmitReceiver, first_header_lines
-from mailgate.session import ClockedTimeout, close_now, log_line, set_no_delay, write_now
+from mailgate.session import (
+    ClockedTimeout,
+    PartialLineWatch,
+    close_now,
+    log_line,
+    set_no_delay,
+    write_now,
+)
 from mailgate.wire import WireEncoder
 
 log = Logger()
@@ -224,11 +231,17 @@ class Pop3Settings:
     #: counts those), a policy refusal. The next one is answered ``-ERR Too many invalid
     #: commands`` and the session closed without UPDATE.
     max_junk: int = 10
+    #: A partial line pending longer than this many seconds ends the session (closed
+    #: without a reply or UPDATE), unless it grows at ``min_rate`` bytes/s (limits.py).
+    line_time: float = 60.0
+    min_rate: float = 100.0
 
     def __post_init__(self) -> None:
         self.xmit_policy()  # ValueError now, at wiring time, on a bad XMIT policy
         if self.max_commands <= 0 or self.max_junk < 0:
             raise ValueError("max_commands must be positive and max_junk not negative")
+        if self.line_time <= 0 or self.min_rate < 0:
+            raise ValueError("line_time must be positive and min_rate not negative")
         if self.login_delay is not None and self.login_delay < 0:
             raise ValueError("login_delay must not be negative")
         if isinstance(self.expire, str):
@@ -399,6 +412,9 @@ class Pop3Server(Protocol, ClockedTimeout):
         self._ended_by = "connection lost"  # for the session-end log line
         self._commands = 0  # command lines seen, for max_commands
         self._junk_count = 0  # invalid command lines seen, for max_junk
+        self._watch = PartialLineWatch(
+            clock, settings.line_time, settings.min_rate, self._partial_line_expired
+        )
 
     # -- transport plumbing ---------------------------------------------------------------
 
@@ -451,6 +467,7 @@ class Pop3Server(Protocol, ClockedTimeout):
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.CLOSED:
             return
+        self._watch.received(data)
         self._framer.feed(data)
         self._process()
 
@@ -458,6 +475,7 @@ class Pop3Server(Protocol, ClockedTimeout):
         previous = self.state
         self.state = State.CLOSED
         self._set_timeout(None)
+        self._watch.stop()
         penalty, self._penalty = self._penalty, None
         if penalty is not None:
             penalty.cancel()  # no timer may outlive the connection
@@ -482,6 +500,17 @@ class Pop3Server(Protocol, ClockedTimeout):
     def timeoutConnection(self) -> None:
         """Autologout: close without a reply and without UPDATE (connectionLost releases)."""
         self._ended_by = "autologout"
+        self._abort_xmit()
+        self._close()
+
+    def _partial_line_expired(self) -> None:
+        """The slowloris watchdog: closed like an autologout, with its own log line."""
+        log.info(
+            "closing POP3 session from {peer}: a partial line pending for more than {seconds}s",
+            peer=self._peer,
+            seconds=self.settings.line_time,
+        )
+        self._ended_by = "a partial line timeout"
         self._abort_xmit()
         self._close()
 
@@ -518,9 +547,11 @@ class Pop3Server(Protocol, ClockedTimeout):
             pause = getattr(self.transport, "pauseProducing", None)
             if callable(pause):
                 self._reading_paused = True
+                self._watch.pause()
                 pause()
         elif self._reading_paused and not self._busy:
             self._reading_paused = False
+            self._watch.resume()
             resume = getattr(self.transport, "resumeProducing", None)
             if callable(resume):
                 resume()
@@ -771,6 +802,7 @@ class Pop3Server(Protocol, ClockedTimeout):
         self._send(ok("Begin TLS negotiation"))
         # Whatever was pipelined after STLS arrived in plaintext: it must never be obeyed.
         self._framer.clear()
+        self._watch.forget()
         self._user = None
         self._tls = True
         context = cast(IOpenSSLServerConnectionCreator, self.settings.tls_context)

@@ -44,7 +44,14 @@ from mailgate.headers import (
 )
 from mailgate.interfaces import IAuthThrottle, IMessageSink, ISubmission
 from mailgate.model import Address, Envelope
-from mailgate.session import ClockedTimeout, close_now, log_line, set_no_delay, write_now
+from mailgate.session import (
+    ClockedTimeout,
+    PartialLineWatch,
+    close_now,
+    log_line,
+    set_no_delay,
+    write_now,
+)
 from mailgate.smtp._grammar import (
     MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
@@ -160,6 +167,10 @@ class SmtpSettings:
     #: after every recipient was refused. The next one is answered ``421 4.7.0 <host>
     #: Error: too many errors`` and the session closed.
     max_junk: int = 20
+    #: A partial line pending longer than this many seconds ends the session with the
+    #: idle timeout's 421, unless it grows at ``min_rate`` bytes/s (see limits.py).
+    line_time: float = 60.0
+    min_rate: float = 100.0
 
     def __post_init__(self) -> None:
         BareNewline(self.bare_newline)  # ValueError on a bad policy name
@@ -168,6 +179,8 @@ class SmtpSettings:
             raise ValueError("SMTP limits must be positive")
         if self.max_commands <= 0 or self.max_junk < 0:
             raise ValueError("max_commands must be positive and max_junk not negative")
+        if self.line_time <= 0 or self.min_rate < 0:
+            raise ValueError("line_time must be positive and min_rate not negative")
         if (
             self.require_tls
             and not self.implicit_tls
@@ -252,6 +265,9 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         self._cram_md5 = False
         self._commands = 0  # command lines seen, for max_commands
         self._junk_count = 0  # invalid command lines seen, for max_junk
+        self._watch = PartialLineWatch(
+            clock, settings.line_time, settings.min_rate, self._partial_line_expired
+        )
 
     # -- connection ---------------------------------------------------------------------
 
@@ -277,6 +293,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.state = State.CLOSED
         self._set_timeout(None)
+        self._watch.stop()
         penalty, self._penalty = self._penalty, None
         if penalty is not None:
             penalty.cancel()  # no timer may outlive the connection
@@ -285,6 +302,16 @@ class SmtpServer(LineReceiver, ClockedTimeout):
 
     def timeoutConnection(self) -> None:
         _log.info("SMTP idle timeout peer={peer}", peer=self._peer_ip)
+        self._send(reply(421, "4.4.2", f"{self._settings.hostname} Error: timeout exceeded"))
+        self._close()
+
+    def _partial_line_expired(self) -> None:
+        """The slowloris watchdog: same reply as the idle timeout, its own log line."""
+        _log.info(
+            "closing SMTP session from {peer}: a partial line pending for more than {seconds}s",
+            peer=self._peer_ip,
+            seconds=self._settings.line_time,
+        )
         self._send(reply(421, "4.4.2", f"{self._settings.hostname} Error: timeout exceeded"))
         self._close()
 
@@ -313,9 +340,11 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         # per octet: a client dripping a byte now and then must still time out.
         if self.state is State.CLOSED:
             return
+        self._watch.received(data)
         self._buffer += data
         if self._waiting and len(self._buffer) > _MAX_PENDING_INPUT and not self._throttled:
             self._throttled = True
+            self._watch.pause()
             self._transport.pauseProducing()
         self._process()
 
@@ -335,6 +364,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
             self._busy = False
         if self._throttled and not self._waiting and self.state is not State.CLOSED:
             self._throttled = False
+            self._watch.resume()
             self._transport.resumeProducing()
 
     def _line_kind(self, line: bytes) -> str:
@@ -584,6 +614,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         # Whatever the client pipelined in plaintext must never be read as a command.
         self._buffer = b""
         self._discarding = None
+        self._watch.forget()
         self._transport.startTLS(ctx)
         self._tls = True
         # RFC 3207 4.2: forget everything learnt before the handshake.
