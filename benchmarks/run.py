@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         figures=medians(samples),
     )
     previous = report.previous(RESULTS, mode)
-    text = report.markdown(result, previous)
+    text = report.markdown(result, previous, args.only)
     print()
     print(text)
     if not args.no_save and not args.only and profile is None:

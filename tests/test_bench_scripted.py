@@ -113,11 +113,13 @@ def _run(figures: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
     return data
 
 
-def _table(current: dict[str, Any], previous: dict[str, Any]) -> str:
+def _table(
+    current: dict[str, Any], previous: dict[str, Any], only: set[str] | None = None
+) -> str:
     from benchmarks.report import Result, markdown
 
     fields = {k: v for k, v in current.items() if k != "_file"}
-    return markdown(Result(**fields), previous)
+    return markdown(Result(**fields), previous, only)
 
 
 def _retr(mine: float, theirs: float, growth: float = 0.0) -> dict[str, dict[str, float]]:
@@ -141,3 +143,14 @@ def test_growth_from_nothing_and_a_missing_figure_are_regressions() -> None:
     assert "server memory growth during RETR MB" in grew.split("Regressions:")[1]
     failed = _table(_run({}), before)
     assert "missing (failed?)" in failed and "Regressions: RETR one big message" in failed
+    also_failed = _table(_run({}), before, only={"retr_big"})
+    assert "Regressions: RETR one big message" in also_failed
+
+
+def test_scenarios_left_out_with_only_are_not_missing() -> None:
+    submit = {"mailgate": {"messages_per_s": 1500.0}, "postfix": {"messages_per_s": 900.0}}
+    before = _run({"retr_big": _retr(1000, 400), "submit_1_per_conn": submit})
+    table = _table(_run({"retr_big": _retr(1000, 400)}), before, only={"retr_big"})
+    assert "missing" not in table and "REGRESSION" not in table
+    everything = _table(_run({"retr_big": _retr(1000, 400)}), before)
+    assert "Regressions: Submission x16, AUTH + 1 msg/conn" in everything
