@@ -1,4 +1,11 @@
-PY ?= python3
+# The interpreter: the distribution's python3 when it is 3.11 or newer and can make a venv
+# (python3-venv), else the first python3 on PATH; PY=... overrides. Debian's is built with PGO
+# and LTO, libpython linked into the executable: mailgate needs ~10-18% less CPU
+# per submission on it than on a --enable-shared source build such as pyenv's default
+# (benchmarks/README.md, seventh session).
+SYSTEM_PY := /usr/bin/python3
+PY ?= $(shell $(SYSTEM_PY) -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' \
+	>/dev/null 2>&1 && echo $(SYSTEM_PY) || echo python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 

@@ -113,9 +113,7 @@ def _run(figures: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
     return data
 
 
-def _table(
-    current: dict[str, Any], previous: dict[str, Any], only: set[str] | None = None
-) -> str:
+def _table(current: dict[str, Any], previous: dict[str, Any], only: set[str] | None = None) -> str:
     from benchmarks.report import Result, markdown
 
     fields = {k: v for k, v in current.items() if k != "_file"}
