@@ -125,18 +125,20 @@ class Pop3Profile:
     #: "normal", "strict" or "lenient" (see :class:`mailgate.pop3._grammar.Parsing`).
     parsing: str = "normal"
 
+    #: :class:`Parsing` for ``parsing``.
+    parsing_mode: Parsing = field(init=False, repr=False, compare=False)
+    _offered: frozenset[str] = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
-        Parsing(self.parsing)  # ValueError on an unknown mode
         unknown = [m for m in self.sasl if m.upper() not in sasl.MECHANISMS]
         if unknown:
             raise ValueError(f"unknown SASL mechanism {unknown[0]!r}")
-
-    @property
-    def parsing_mode(self) -> Parsing:
-        return Parsing(self.parsing)
+        # Derived once, not per connection (the profile is immutable).
+        object.__setattr__(self, "parsing_mode", Parsing(self.parsing))  # ValueError if bad
+        object.__setattr__(self, "_offered", frozenset(m.upper() for m in self.sasl))
 
     def offers_mechanism(self, name: str) -> bool:
-        return name.upper() in {m.upper() for m in self.sasl}
+        return name.upper() in self._offered
 
 
 class LoginTimes:

@@ -78,6 +78,12 @@ T = TypeVar("T")
 _MAX_PENDING_INPUT = 256 * 1024
 #: Commands allowed before STARTTLS when TLS is required (RFC 3207 4).
 _BEFORE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"})
+#: The replies every submission sends, built once.
+_SENDER_OK = reply(250, "2.1.0", "Sender ok")
+_RECIPIENT_OK = reply(250, "2.1.5", "Recipient ok")
+_GO_AHEAD = reply(354, None, "End data with <CR><LF>.<CR><LF>")
+_AUTHENTICATED = reply(235, "2.7.0", "Authentication successful")
+_BYE = reply(221, "2.0.0", "Bye")
 
 
 def _nobody(peer_ip: str) -> bool:
@@ -109,17 +115,19 @@ class SmtpProfile:
     parsing: str = "normal"
 
     def __post_init__(self) -> None:
-        Parsing(self.parsing)  # ValueError on an unknown mode
         unknown = [m for m in self.sasl if m.upper() not in sasl.MECHANISMS]
         if unknown:
             raise ValueError(f"unknown SASL mechanism {unknown[0]!r}")
+        # Derived once, not per connection (the profile is immutable).
+        object.__setattr__(self, "parsing_mode", Parsing(self.parsing))  # ValueError if bad
+        object.__setattr__(self, "_offered", frozenset(m.upper() for m in self.sasl))
+
+    #: :class:`Parsing` for ``parsing``.
+    parsing_mode: Parsing = field(init=False, repr=False, compare=False)
+    _offered: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def offers_mechanism(self, name: str) -> bool:
-        return name.upper() in {m.upper() for m in self.sasl}
-
-    @property
-    def parsing_mode(self) -> Parsing:
-        return Parsing(self.parsing)
+        return name.upper() in self._offered
 
 
 @dataclass(frozen=True)
@@ -188,6 +196,13 @@ class SmtpSettings:
             and not self.profile.starttls
         ):
             raise ValueError("require_tls needs STARTTLS, which the profile hides")
+        #: EHLO replies by (TLS, plaintext allowed, CRAM-MD5 possible): nothing else of a
+        #: session changes them, and building one was a tenth of the EHLO's cost.
+        object.__setattr__(self, "ehlo_replies", {})
+
+    ehlo_replies: dict[tuple[bool, bool, bool], bytes] = field(
+        init=False, repr=False, compare=False
+    )
 
 
 class State(enum.Enum):
@@ -538,6 +553,14 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         self._extended = True
         self.state = State.READY
         s = self._settings
+        key = (self._tls, self._plaintext_ok(), self._cram_md5)
+        cached = s.ehlo_replies.get(key)
+        if cached is None:
+            cached = s.ehlo_replies[key] = self._ehlo_reply()
+        self._send(cached)
+
+    def _ehlo_reply(self) -> bytes:
+        s = self._settings
         p = s.profile
         offered = (
             ("PIPELINING", p.pipelining),
@@ -553,7 +576,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
             keywords.append("AUTH " + " ".join(mechs))
         if s.smtputf8:
             keywords.append("SMTPUTF8")
-        self._send(ehlo_reply(s.hostname, "", keywords))
+        return ehlo_reply(s.hostname, "", keywords)
 
     def _helo_cmd(self, arg: bytes) -> None:
         if not arg:
@@ -576,7 +599,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         self._send(reply(250, "2.0.0", "Ok"))
 
     def _quit(self, arg: bytes) -> None:
-        self._send(reply(221, "2.0.0", "Bye"))
+        self._send(_BYE)
         self._close()
 
     def _help(self, arg: bytes) -> None:
@@ -717,7 +740,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         self._logout = logout
         address = getattr(avatar, "address", None)
         self._user = str(address) if address is not None else "?"
-        self._send(reply(235, "2.7.0", "Authentication successful"))
+        self._send(_AUTHENTICATED)
         log_line(
             _log,
             f"SMTP login user={self._user} peer={self._peer_ip}",
@@ -818,7 +841,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         self._params = params
         self._recipients = []
         self.state = State.MAIL
-        self._send(reply(250, "2.1.0", "Sender ok"))
+        self._send(_SENDER_OK)
 
     def _syntax_reply(self, e: SmtpSyntaxError, address_code: str) -> bytes:
         if e.kind == "unknown-param":
@@ -853,7 +876,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
             return
         if rcpt not in self._recipients:
             self._recipients.append(rcpt)
-        self._send(reply(250, "2.1.5", "Recipient ok"))
+        self._send(_RECIPIENT_OK)
 
     def _data(self, arg: bytes) -> None:
         if arg:
@@ -879,7 +902,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         self._splitter = HeaderSplitter(s.max_header_lines, s.max_header_bytes)
         self._data_failure = None
         self.state = State.DATA
-        self._send(reply(354, None, "End data with <CR><LF>.<CR><LF>"))
+        self._send(_GO_AHEAD)
 
     # -- DATA ---------------------------------------------------------------------------
 
