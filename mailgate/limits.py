@@ -113,7 +113,47 @@ class _RefusalFactory(Factory):
         return _Refusal(self.reply, self.clock)
 
 
-class ConnectionLimiter(Factory):
+class FactoryInFront(Factory):
+    """A factory in front of ``wrappedFactory``: builds its protocols with it, starts, stops
+    and names itself after it, and sees each connection end through
+    :func:`after_connection_lost` rather than through a wrapper protocol."""
+
+    noisy = False
+
+    def __init__(self, factory: IProtocolFactory) -> None:
+        self.wrappedFactory = factory
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.wrappedFactory, "logPrefix", None)
+        return str(prefix()) if callable(prefix) else type(self.wrappedFactory).__name__
+
+    def startFactory(self) -> None:
+        self.wrappedFactory.doStart()
+
+    def stopFactory(self) -> None:
+        self.wrappedFactory.doStop()
+
+
+def after_connection_lost(protocol: IProtocol, then: Callable[[], None]) -> None:
+    """Call ``then`` once, after ``protocol.connectionLost`` has run (even if it raised).
+
+    An instance attribute shadows the method: whoever reports the loss calls it, and nothing
+    stands between the protocol and its transport for every read and write.
+    """
+    lost = protocol.connectionLost
+    pending = [then]
+
+    def connection_lost(reason: Failure = connectionDone) -> None:
+        try:
+            lost(reason)
+        finally:
+            if pending:
+                pending.pop()()
+
+    setattr(protocol, "connectionLost", connection_lost)  # noqa: B010
+
+
+class ConnectionLimiter(FactoryInFront):
     """Refuses connections beyond ``max_total`` open ones, or ``max_per_peer`` per address.
 
     The refusal is ``refuse_reply`` (one protocol line, e.g. :data:`POP3_REFUSAL`) and a
@@ -122,8 +162,6 @@ class ConnectionLimiter(Factory):
     is counted from the moment its protocol is built (the listening port connects it at
     once) until its ``connectionLost``.
     """
-
-    noisy = False
 
     def __init__(
         self,
@@ -137,7 +175,7 @@ class ConnectionLimiter(Factory):
     ) -> None:
         if max_total <= 0 or max_per_peer <= 0:
             raise ValueError("connection limits must be positive")
-        self.wrappedFactory = factory
+        super().__init__(factory)
         self.clock = clock
         self.max_total = max_total
         self.max_per_peer = max_per_peer
@@ -149,16 +187,6 @@ class ConnectionLimiter(Factory):
         self._unlogged = 0
         self._last_log: float | None = None
 
-    def logPrefix(self) -> str:
-        prefix = getattr(self.wrappedFactory, "logPrefix", None)
-        return str(prefix()) if callable(prefix) else type(self.wrappedFactory).__name__
-
-    def startFactory(self) -> None:
-        self.wrappedFactory.doStart()
-
-    def stopFactory(self) -> None:
-        self.wrappedFactory.doStop()
-
     def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:  # type: ignore[override]
         key = peer_key(addr)
         if self.open >= self.max_total or self.per_peer.get(key, 0) >= self.max_per_peer:
@@ -169,19 +197,7 @@ class ConnectionLimiter(Factory):
             return None
         self.open += 1
         self.per_peer[key] = self.per_peer.get(key, 0) + 1
-        lost = protocol.connectionLost
-        counted = [True]
-
-        def connection_lost(reason: Failure = connectionDone) -> None:
-            try:
-                lost(reason)
-            finally:
-                if counted:
-                    counted.clear()
-                    self._release(key)
-
-        # An instance attribute shadows the method: no wrapper in the data path.
-        setattr(protocol, "connectionLost", connection_lost)  # noqa: B010
+        after_connection_lost(protocol, lambda: self._release(key))
         return protocol
 
     def _release(self, key: str) -> None:

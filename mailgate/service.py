@@ -25,7 +25,6 @@ from twisted.internet.interfaces import (
     IReactorCore,
     IReactorTime,
 )
-from twisted.internet.protocol import ServerFactory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
@@ -47,7 +46,14 @@ from mailgate.errors import ConfigError
 from mailgate.interfaces import ThreadRunner
 from mailgate.lab.faults import FaultFactory, FaultPolicy
 from mailgate.lab.transcript import TranscriptFactory, TranscriptStore
-from mailgate.limits import POP3_REFUSAL, LimitSettings, guard, smtp_refusal
+from mailgate.limits import (
+    POP3_REFUSAL,
+    FactoryInFront,
+    LimitSettings,
+    after_connection_lost,
+    guard,
+    smtp_refusal,
+)
 from mailgate.logsink import MasterLog
 from mailgate.model import Address, Envelope
 from mailgate.pop3.server import Pop3Factory, Pop3Profile, Pop3Settings
@@ -84,41 +90,20 @@ class ReloadableContext:
         self.options = self._load()
 
 
-class SessionTracker(ServerFactory):
+class SessionTracker(FactoryInFront):
     """Wraps a factory to know its open sessions, so shutdown can wait for them to end."""
 
-    noisy = False
-
     def __init__(self, wrapped: IProtocolFactory) -> None:
-        self.wrapped = wrapped
+        super().__init__(wrapped)
         self.sessions: set[IProtocol] = set()
         self._idle: list[Deferred[None]] = []
 
-    def logPrefix(self) -> str:
-        prefix = getattr(self.wrapped, "logPrefix", None)
-        return str(prefix()) if callable(prefix) else type(self.wrapped).__name__
-
-    def startFactory(self) -> None:
-        self.wrapped.doStart()
-
-    def stopFactory(self) -> None:
-        self.wrapped.doStop()
-
     def buildProtocol(self, addr: IAddress | None) -> Any:
-        protocol = self.wrapped.buildProtocol(addr)  # type: ignore[arg-type]
+        protocol = self.wrappedFactory.buildProtocol(addr)  # type: ignore[arg-type]
         if protocol is None:
             return None
         self.sessions.add(protocol)
-        lost = protocol.connectionLost
-
-        def connection_lost(reason: Failure) -> None:
-            try:
-                lost(reason)
-            finally:
-                self._gone(protocol)
-
-        # An instance attribute shadows the method: no wrapper in the data path.
-        setattr(protocol, "connectionLost", connection_lost)  # noqa: B010
+        after_connection_lost(protocol, lambda: self._gone(protocol))
         return protocol
 
     def _gone(self, protocol: IProtocol) -> None:
