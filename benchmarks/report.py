@@ -125,6 +125,12 @@ def previous(results: Path, mode: str) -> dict[str, Any] | None:
     return data
 
 
+def _selected(scenario: str, only: Collection[str]) -> bool:
+    """Whether ``--only`` ran this result's scenario (huge_maildrop gives huge_maildrop_first
+    and huge_maildrop_later)."""
+    return any(scenario == name or scenario.startswith(name + "_") for name in only)
+
+
 def markdown(
     result: Result, prev: dict[str, Any] | None, only: Collection[str] | None = None
 ) -> str:
@@ -149,7 +155,7 @@ def markdown(
         peer = result.peers["submission" if smtp else "pop3"]
         mine = _get(cur, scenario, "mailgate", fig)
         if mine is None:
-            if only is not None and scenario not in only:
+            if only is not None and not _selected(scenario, only):
                 continue
             if better and prev is not None and _get(prev, scenario, "mailgate", fig) is not None:
                 lines.append(f"| {label} | missing (failed?) | | | **REGRESSION** | |")

@@ -53,6 +53,7 @@ class PartialLineWatch:
         "_paused",
         "_since",
         "expired",
+        "fed_in_front",
         "line_time",
         "min_rate",
     )
@@ -76,6 +77,10 @@ class PartialLineWatch:
         self._paused = False
         #: The session is over: whatever else arrives must not reach the protocol.
         self.expired = False
+        #: Set by a layer in front of the protocol that holds partial lines back (the lab's
+        #: fault injection): it feeds the watch the bytes as they arrive, and the protocol,
+        #: which then only sees whole lines, does not.
+        self.fed_in_front = False
 
     def received(self, data: bytes) -> None:
         """Plaintext from the client, before the protocol looks at it."""
@@ -212,7 +217,7 @@ def close_now(transport: Any) -> None:
         transport.loseConnection()
         return
     wrapper = transport
-    while wrapper is not below:  # as ProtocolWrapper.loseConnection would have marked them
+    while wrapper is not below:  # the lab's wrappers, marked as their loseConnection would
         wrapper.disconnecting = 1
         wrapper = wrapper.transport
     below.stopReading()

@@ -152,3 +152,11 @@ def test_scenarios_left_out_with_only_are_not_missing() -> None:
     assert "missing" not in table and "REGRESSION" not in table
     everything = _table(_run({"retr_big": _retr(1000, 400)}), before)
     assert "Regressions: Submission x16, AUTH + 1 msg/conn" in everything
+
+
+def test_only_huge_maildrop_covers_both_of_its_results() -> None:
+    huge = {"mailgate": {"login_stat_s": 0.5}, "dovecot": {"login_stat_s": 2.0}}
+    before = _run({"huge_maildrop_first": huge, "huge_maildrop_later": huge})
+    failed = _table(_run({}), before, only={"huge_maildrop"})
+    assert "Huge maildrop, first login" in failed.split("Regressions:")[1]
+    assert "Huge maildrop, later logins" in failed.split("Regressions:")[1]

@@ -60,21 +60,29 @@ class Conn:
         return self.take()
 
 
-def pop3_factory(rules: list[FaultRule], clock: Clock, **kw: Any) -> FaultFactory:
+def pop3_factory(
+    rules: list[FaultRule], clock: Clock, line_time: float = 60.0, **kw: Any
+) -> FaultFactory:
     settings = Pop3Settings(
-        hostname="mail.example.com", tls_context=TLS_CONTEXT, allow_plaintext=lambda h: True
+        hostname="mail.example.com",
+        tls_context=TLS_CONTEXT,
+        allow_plaintext=lambda h: True,
+        line_time=line_time,
+        min_rate=0.0,
     )
     inner = Pop3Factory(make_portal(), settings, clock)
     return FaultFactory(inner, FaultPolicy(rules, clock, **kw), "pop3")
 
 
-def smtp_factory(rules: list[FaultRule], clock: Clock) -> FaultFactory:
+def smtp_factory(rules: list[FaultRule], clock: Clock, line_time: float = 60.0) -> FaultFactory:
     settings = SmtpSettings(
         hostname="mail.example.com",
         default_domain="example.com",
         tls_context=TLS_CONTEXT,
         require_tls=False,
         allow_plaintext=lambda h: True,
+        line_time=line_time,
+        min_rate=0.0,
     )
     inner = SmtpFactory(make_portal(), settings, clock)
     return FaultFactory(inner, FaultPolicy(rules, clock), "submission")
@@ -126,6 +134,29 @@ def test_delay_cancelled_when_client_leaves() -> None:
     assert not [d for d in clock.getDelayedCalls() if d.active() and d.getTime() == 5]
     clock.advance(10)  # nothing delivered to a closed protocol, no error
     assert c.take() == b""
+
+
+def test_the_slowloris_watchdog_still_sees_partial_lines_held_back_here() -> None:
+    """The fault layer passes only whole lines on; the watchdog must see the drip anyway."""
+    clock = Clock()
+    smtp = Conn(smtp_factory([FaultRule("NOOP", "delay", seconds=1)], clock, line_time=10))
+    pop3 = Conn(pop3_factory([FaultRule("NOOP", "delay", seconds=1)], clock, line_time=10))
+    assert smtp.send(b"NOO") == b"" and pop3.send(b"NOO") == b""
+    clock.advance(9)
+    assert not smtp.transport.disconnecting and not pop3.transport.disconnecting
+    clock.advance(1)
+    assert smtp.take() == b"421 4.4.2 mail.example.com Error: timeout exceeded\r\n"
+    assert smtp.transport.disconnecting
+    assert pop3.take() == b"" and pop3.transport.disconnecting
+
+
+def test_whole_lines_held_by_a_delay_are_not_a_slowloris() -> None:
+    clock = Clock()
+    c = Conn(pop3_factory([FaultRule("CAPA", "delay", seconds=30)], clock, line_time=10))
+    assert c.send(b"CAPA\r\n") == b""
+    clock.advance(30)
+    assert c.take().startswith(b"+OK Capability list")
+    assert not c.transport.disconnecting
 
 
 def test_drop_closes_without_reply() -> None:

@@ -7,13 +7,18 @@ Both end the session without UPDATE, so DELE'd messages must still be in the sto
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import capturedLogs, formatEvent
 
+from mailgate.interfaces import IMaildrop
+from mailgate.model import Address
 from mailgate.pop3 import Pop3Settings
 from mailgate.pop3.server import Pop3Profile, State
+from mailgate.testing import MemoryMaildrop, MemoryMailStore
 from tests.test_pop3_server import ALICE, MSG1, MSG2, Session, with_messages
 
 TOO_MANY_COMMANDS = b"-ERR [SYS/PERM] Too many commands\r\n"
@@ -196,3 +201,52 @@ def test_starttls_forgets_a_partial_line_pipelined_in_plaintext() -> None:
 def test_pop3_line_time_is_checked_at_wiring_time() -> None:
     with pytest.raises(ValueError):
         Pop3Settings(hostname="h", line_time=0)
+
+
+class _HeldCommitMaildrop(MemoryMaildrop):
+    """UPDATE that takes as long as the test says (a big maildrop on a slow disk)."""
+
+    def commit(self, deleted: Sequence[int]) -> Deferred[int]:
+        held: Deferred[int] = Deferred()
+        self._store.held.append((held, lambda: MemoryMaildrop.commit(self, deleted)))  # type: ignore[attr-defined]
+        return held
+
+
+class _HeldCommitStore(MemoryMailStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[Deferred[int], Any]] = []
+
+    def open_maildrop(self, address: Address) -> Deferred[IMaildrop]:
+        self.locked.add(address)
+        return succeed(_HeldCommitMaildrop(self, address))
+
+
+def test_no_timer_ends_a_session_while_its_update_commits() -> None:
+    store = _HeldCommitStore()
+    store.deliver(ALICE, MSG1)
+    s = Session(store, line_time=10.0, min_rate=0.0)
+    assert s.login().startswith(b"+OK")
+    assert s.cmd("DELE 1").startswith(b"+OK")
+    s.send(b"QUIT\r\nX")  # a partial line pipelined after QUIT
+    assert s.state() is State.UPDATE
+    s.clock.advance(10_000)  # past the watchdog's line_time and the idle timeout
+    assert not s.closed
+    assert ALICE in store.locked  # the commit still owns the lock
+    held, finish = store.held.pop()
+    held.callback(finish().result)
+    assert s.take() == b"+OK mail.example.com signing off\r\n"
+    assert s.closed and ALICE not in store.locked and store.mailboxes[ALICE] == []
+
+
+def test_a_session_dropped_during_update_leaves_the_lock_to_the_commit() -> None:
+    store = _HeldCommitStore()
+    store.deliver(ALICE, MSG1)
+    s = Session(store)
+    assert s.login().startswith(b"+OK")
+    s.send(b"QUIT\r\n")
+    s.drop()
+    assert ALICE in store.locked  # not released under the running commit
+    held, finish = store.held.pop()
+    held.callback(finish().result)
+    assert ALICE not in store.locked

@@ -8,6 +8,7 @@ the session stays in step with the client.
 from __future__ import annotations
 
 import pytest
+from twisted.internet.defer import Deferred
 
 from mailgate.smtp import SmtpSettings
 from mailgate.smtp.server import State
@@ -223,3 +224,37 @@ def test_line_time_is_checked_at_wiring_time() -> None:
         settings(line_time=0)
     with pytest.raises(ValueError):
         settings(min_rate=-1)
+
+
+def test_starttls_forgets_a_partial_line_pipelined_in_plaintext() -> None:
+    s = Session(settings(line_time=10.0, min_rate=0.0))
+    assert s.cmd("EHLO c.example").startswith(b"250-")
+    assert s.send(b"STARTTLS\r\nEHL") == b"220 2.0.0 Ready to start TLS\r\n"
+    s.clock.advance(30)
+    assert not s.closed
+
+
+def test_the_window_does_not_run_while_a_busy_session_stopped_reading() -> None:
+    """Pipelined input beyond the pending-input bound pauses reading: the rest of the
+    partial line cannot arrive then, so it must not count against the client."""
+    s = Session(settings(line_time=10.0, min_rate=0.0, max_commands=100_000))
+    s.login()
+    s.cmd("MAIL FROM:<alice@example.com>")
+    s.cmd("RCPT TO:<bob@example.com>")
+    s.cmd("DATA")
+    pending: Deferred[str] = Deferred()
+    sink = s.proto._sink
+    assert sink is not None
+    sink.finish = lambda: pending  # type: ignore[method-assign]
+    s.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")  # the 250 waits for the delivery
+    s.send(b"NOOP\r\n" * 50_000 + b"NOO")  # far past the bound, ending in a partial line
+    assert s.transport.producerState == "paused"
+    s.clock.advance(100)
+    assert not s.closed
+    pending.callback("Q42")  # reading resumes; the partial line's window starts again
+    assert s.transport.producerState == "producing"
+    s.take()
+    s.clock.advance(9)
+    assert not s.closed
+    s.clock.advance(1)
+    assert s.take().endswith(TIMED_OUT) and s.closed

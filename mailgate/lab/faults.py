@@ -86,12 +86,19 @@ class FaultProtocol(ProtocolWrapper):
         self._dropped = False
         self._tls_switch = False
         self._pumping = False
+        # The protocol's slowloris watchdog must see partial lines as they arrive, and this
+        # layer holds them back until they are whole: feed it from here instead.
+        self._line_watch: Any = getattr(wrappedProtocol, "line_watch", None)
+        if self._line_watch is not None:
+            self._line_watch.fed_in_front = True
 
     # -- client -> protocol ---------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._dropped:
             return
+        if self._line_watch is not None:
+            self._line_watch.received(data)
         self._buffer += data
         self._pump()
 

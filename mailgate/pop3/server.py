@@ -234,7 +234,7 @@ class Pop3Settings:
     #: commands`` and the session closed without UPDATE.
     max_junk: int = 10
     #: A partial line pending longer than this many seconds ends the session (closed
-    #: without a reply or UPDATE), unless it grows at ``min_rate`` bytes/s (limits.py).
+    #: without a reply or UPDATE), unless it grows at ``min_rate`` bytes/s (PartialLineWatch).
     line_time: float = 60.0
     min_rate: float = 100.0
 
@@ -412,9 +412,11 @@ class Pop3Server(Protocol, ClockedTimeout):
         self._xmit: XmitReceiver | None = None
         self._xmit_policy = settings.xmit_policy() if settings.xtnd_xmit else None
         self._ended_by = "connection lost"  # for the session-end log line
+        self._update_started = False  # QUIT entered UPDATE: the commit releases the lock
         self._commands = 0  # command lines seen, for max_commands
         self._junk_count = 0  # invalid command lines seen, for max_junk
-        self._watch = PartialLineWatch(
+        #: The slowloris watchdog (fed here, or by the lab's fault wrapper in front).
+        self.line_watch = PartialLineWatch(
             clock, settings.line_time, settings.min_rate, self._partial_line_expired
         )
 
@@ -469,15 +471,15 @@ class Pop3Server(Protocol, ClockedTimeout):
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.CLOSED:
             return
-        self._watch.received(data)
+        if not self.line_watch.fed_in_front:
+            self.line_watch.received(data)
         self._framer.feed(data)
         self._process()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        previous = self.state
         self.state = State.CLOSED
         self._set_timeout(None)
-        self._watch.stop()
+        self.line_watch.stop()
         penalty, self._penalty = self._penalty, None
         if penalty is not None:
             penalty.cancel()  # no timer may outlive the connection
@@ -485,7 +487,7 @@ class Pop3Server(Protocol, ClockedTimeout):
             self._stream.stopProducing()
             self._stream = None
         self._abort_xmit()
-        if self._logout is not None and previous is not State.UPDATE:
+        if self._logout is not None and not self._update_started:
             # Dropped, timed out or shut down: no UPDATE, just let go of the lock.
             self._logout()
         self._logout = None
@@ -549,11 +551,11 @@ class Pop3Server(Protocol, ClockedTimeout):
             pause = getattr(self.transport, "pauseProducing", None)
             if callable(pause):
                 self._reading_paused = True
-                self._watch.pause()
+                self.line_watch.pause()
                 pause()
         elif self._reading_paused and not self._busy:
             self._reading_paused = False
-            self._watch.resume()
+            self.line_watch.resume()
             resume = getattr(self.transport, "resumeProducing", None)
             if callable(resume):
                 resume()
@@ -804,7 +806,7 @@ class Pop3Server(Protocol, ClockedTimeout):
         self._send(ok("Begin TLS negotiation"))
         # Whatever was pipelined after STLS arrived in plaintext: it must never be obeyed.
         self._framer.clear()
-        self._watch.forget()
+        self.line_watch.forget()
         self._user = None
         self._tls = True
         context = cast(IOpenSSLServerConnectionCreator, self.settings.tls_context)
@@ -1062,7 +1064,12 @@ class Pop3Server(Protocol, ClockedTimeout):
         maildrop = self._maildrop
         assert maildrop is not None
         self.state = State.UPDATE
+        self._update_started = True  # the commit owns the lock now, however the session ends
         self._busy = True
+        # The commit is our time, not the client's: neither the idle timer nor the
+        # partial-line watchdog may end the session while it runs.
+        self._set_timeout(None)
+        self.line_watch.stop()
         expired = self._expired() - self._deleted
         if expired:
             log.info(

@@ -176,7 +176,7 @@ class SmtpSettings:
     #: Error: too many errors`` and the session closed.
     max_junk: int = 20
     #: A partial line pending longer than this many seconds ends the session with the
-    #: idle timeout's 421, unless it grows at ``min_rate`` bytes/s (see limits.py).
+    #: idle timeout's 421, unless it grows at ``min_rate`` bytes/s (session.PartialLineWatch).
     line_time: float = 60.0
     min_rate: float = 100.0
 
@@ -280,7 +280,8 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         self._cram_md5 = False
         self._commands = 0  # command lines seen, for max_commands
         self._junk_count = 0  # invalid command lines seen, for max_junk
-        self._watch = PartialLineWatch(
+        #: The slowloris watchdog (fed here, or by the lab's fault wrapper in front).
+        self.line_watch = PartialLineWatch(
             clock, settings.line_time, settings.min_rate, self._partial_line_expired
         )
 
@@ -308,7 +309,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.state = State.CLOSED
         self._set_timeout(None)
-        self._watch.stop()
+        self.line_watch.stop()
         penalty, self._penalty = self._penalty, None
         if penalty is not None:
             penalty.cancel()  # no timer may outlive the connection
@@ -355,11 +356,12 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         # per octet: a client dripping a byte now and then must still time out.
         if self.state is State.CLOSED:
             return
-        self._watch.received(data)
+        if not self.line_watch.fed_in_front:
+            self.line_watch.received(data)
         self._buffer += data
         if self._waiting and len(self._buffer) > _MAX_PENDING_INPUT and not self._throttled:
             self._throttled = True
-            self._watch.pause()
+            self.line_watch.pause()
             self._transport.pauseProducing()
         self._process()
 
@@ -379,7 +381,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
             self._busy = False
         if self._throttled and not self._waiting and self.state is not State.CLOSED:
             self._throttled = False
-            self._watch.resume()
+            self.line_watch.resume()
             self._transport.resumeProducing()
 
     def _line_kind(self, line: bytes) -> str:
@@ -637,7 +639,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
         # Whatever the client pipelined in plaintext must never be read as a command.
         self._buffer = b""
         self._discarding = None
-        self._watch.forget()
+        self.line_watch.forget()
         self._transport.startTLS(ctx)
         self._tls = True
         # RFC 3207 4.2: forget everything learnt before the handshake.
