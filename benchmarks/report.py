@@ -29,6 +29,7 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("pop3_session", "reactor_cpu_ms_per_op", "  of which reactor thread ms", ""),
     ("pop3_session", "peak_mem_mb", "  peak server memory MB (PSS)", "lower"),
     ("pop3_session", "client_cpu_util", "  load generator CPU (cores)", ""),
+    ("pop3_session", "reactor_lag_max_ms", "  max reactor lag ms (mailgate's probe)", ""),
     ("pop3s_session", "sessions_per_s", "POP3S session x16: sessions/s", "higher"),
     ("pop3s_session", "server_cpu_ms_per_op", "  server CPU ms/session", "lower"),
     (
@@ -43,6 +44,7 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("retr_big", "client_cpu_ms_per_mb", "  load generator CPU ms/MB", ""),
     ("retr_big", "mem_growth_mb", "  server memory growth during RETR MB", "lower"),
     ("retr_big", "peak_mem_mb", "  peak server memory MB", "lower"),
+    ("retr_big", "reactor_lag_max_ms", "  max reactor lag ms (mailgate's probe)", ""),
     (
         "retr_big_unmarked",
         "retr_mb_per_s",
@@ -53,6 +55,12 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("huge_maildrop_first", "login_stat_s", "Huge maildrop, first login: login+STAT s", "lower"),
     ("huge_maildrop_first", "uidl_s", "  UIDL s", "lower"),
     ("huge_maildrop_first", "server_cpu_s", "  server CPU s (whole session)", "lower"),
+    (
+        "huge_maildrop_first",
+        "reactor_lag_max_ms",
+        "  max reactor lag ms, all its logins (mailgate's probe)",
+        "",
+    ),
     ("huge_maildrop_later", "login_stat_s", "Huge maildrop, later logins: login+STAT s", "lower"),
     ("huge_maildrop_later", "uidl_s", "  UIDL s", "lower"),
     ("huge_maildrop_later", "server_cpu_s", "  server CPU s (whole session)", "lower"),
@@ -60,6 +68,7 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("idle", "kb_per_conn", "  memory per connection KB", "lower"),
     ("idle", "total_mem_mb", "  total server memory MB", "lower"),
     ("idle", "logins_per_s", "  logins/s while opening ({PLAIN} users)", "higher"),
+    ("idle", "reactor_lag_max_ms", "  max reactor lag ms (mailgate's probe)", ""),
     ("submit_1_per_conn", "messages_per_s", "Submission x16, AUTH + 1 msg/conn: msgs/s", "higher"),
     ("submit_1_per_conn", "server_cpu_ms_per_op", "  server CPU ms/message", "lower"),
     (
@@ -68,6 +77,7 @@ ROWS: list[tuple[str, str, str, str]] = [
         "  of which off the reactor (fsync) ms",
         "",
     ),
+    ("submit_1_per_conn", "reactor_lag_max_ms", "  max reactor lag ms (mailgate's probe)", ""),
     (
         "submit_100_per_conn",
         "messages_per_s",
@@ -76,6 +86,7 @@ ROWS: list[tuple[str, str, str, str]] = [
     ),
     ("submit_100_per_conn", "server_cpu_ms_per_op", "  server CPU ms/message", "lower"),
     ("submit_100_per_conn", "peak_mem_mb", "  peak server memory MB", "lower"),
+    ("submit_100_per_conn", "reactor_lag_max_ms", "  max reactor lag ms (mailgate's probe)", ""),
     ("pop3s_handshake", "handshakes_per_s", "POP3S handshakes/s (x16)", "higher"),
     ("pop3s_handshake", "server_cpu_ms_per_op", "  server CPU ms/handshake", "lower"),
     ("pop3s_handshake", "client_cpu_util", "  load generator CPU (cores)", ""),

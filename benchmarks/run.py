@@ -23,6 +23,7 @@ from pathlib import Path
 from benchmarks import loadgen, report, scenarios, seed, servers
 from benchmarks.procstat import settle, settle_tree, tree
 from benchmarks.scenarios import Figures, Sizes
+from mailgate import lagprobe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -148,11 +149,13 @@ def run(stack: Stack, sizes: Sizes, only: set[str] | None) -> Samples:
                 quiet = "went quiet" if waited < 10 else "stayed busy; measuring anyway"
                 print(f"  (waited {waited:.0f} s: the machine {quiet})")
             print(f"  {name:24} {server.name:9}", end=" ", flush=True)
+            start = time.time()
             try:
                 figures = fn(server, roots)
             except Exception as e:  # one broken scenario must not lose the whole run
                 print(f"FAILED: {type(e).__name__}: {e}", flush=True)
                 continue
+            _add_lag(figures, server, start)
             _add(samples, name, server.name, figures)
             main = next(iter(figures.items()))
             print(f"{main[0]}={main[1]:.2f}", flush=True)
@@ -163,11 +166,13 @@ def run(stack: Stack, sizes: Sizes, only: set[str] | None) -> Samples:
             settle()
             before = len(tree(server.roots))
             print(f"  idle x{sizes.idle:<17} {server.name:9}", end=" ", flush=True)
+            start = time.time()
             try:
                 figures = scenarios.idle_connections(server, sizes.idle)
             except Exception as e:
                 print(f"FAILED: {type(e).__name__}: {e}", flush=True)
             else:
+                _add_lag(figures, server, start)
                 _add(samples, "idle", server.name, figures)
                 print(
                     f"held={figures['held']:.0f} kb/conn={figures['kb_per_conn']:.1f}", flush=True
@@ -210,16 +215,30 @@ def run(stack: Stack, sizes: Sizes, only: set[str] | None) -> Samples:
             return samples
         for server in stack.pop3_pair():
             settle()
+            start = time.time()
             try:
                 first, *later = scenarios.huge_maildrop(server, 1 + sizes.later_logins)
             except Exception as e:
                 print(f"  huge_maildrop {server.name} FAILED: {type(e).__name__}: {e}")
                 continue
+            _add_lag(first, server, start)  # the first login and the later ones
             _add(samples, "huge_maildrop_first", server.name, first)
             for figures in later:
                 _add(samples, "huge_maildrop_later", server.name, figures)
             print(f"  huge_maildrop            {server.name:9} first={first['login_stat_s']:.2f}s")
     return samples
+
+
+def _add_lag(figures: Figures, server: servers.Server, start: float) -> None:
+    """The worst reactor lag of the run that just ended (mailgate's probe; see
+    mailgate/lagprobe.py): a blocked reactor delays every session it serves."""
+    if server.lag_dir is not None:
+        end = time.time()
+        # Each process writes a second's report at its first tick of the next second.
+        time.sleep(max(0.0, int(end) + 1.05 - time.time()))
+        worst = lagprobe.worst_lag_ms(str(server.lag_dir), start, end)
+        if worst is not None:
+            figures["reactor_lag_max_ms"] = worst
 
 
 def medians(samples: Samples) -> dict[str, dict[str, dict[str, float]]]:

@@ -45,6 +45,8 @@ class Server:
     ports: Ports
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
+    #: Where mailgate's processes report their reactor lag (mailgate.lagprobe); None: no probe.
+    lag_dir: Path | None = None
 
     @property
     def roots(self) -> list[int]:
@@ -69,11 +71,13 @@ def _source_env() -> dict[str, str]:
     return env
 
 
-def _spawn(cmd: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def _spawn(
+    cmd: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
             cmd,
-            env=_source_env(),
+            env={**_source_env(), **(env or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -141,7 +145,9 @@ def start_mailgate(state: Path, profile: Path | None = None) -> Server:
         "--allow-plaintext-from", "127.0.0.0/8",
     ]  # fmt: skip
     server = Server("mailgate", p, logs=[state / "twistd.log", state / "stdout.log"])
-    server.procs.append(_spawn(cmd, state / "stdout.log", cwd=SOURCE))
+    server.lag_dir = state / "lag"
+    probe = {"MAILGATE_LAG_PROBE": str(server.lag_dir)}
+    server.procs.append(_spawn(cmd, state / "stdout.log", cwd=SOURCE, env=probe))
     _wait_ports(server, [p.pop3, p.pop3s, p.submission, p.submissions])
     return server
 

@@ -30,7 +30,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate import demo, fastpoll, fileio, tls
+from mailgate import demo, fastpoll, fileio, lagprobe, tls
 from mailgate.auth.checker import PasswordChecker
 from mailgate.auth.passwords import (
     DUMMY_HASH,
@@ -607,6 +607,7 @@ def build_service(
     """
     is_child = inherited_fds is not None
     fastpoll.install(reactor)
+    lagprobe.install_from_environment(reactor)  # benchmarks only (MAILGATE_LAG_PROBE)
     state = config.state_dir
     state.mkdir(parents=True, exist_ok=True)
     (state / "mail").mkdir(exist_ok=True)
