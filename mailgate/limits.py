@@ -149,6 +149,11 @@ def after_connection_lost(protocol: IProtocol, then: Callable[[], None]) -> None
         finally:
             if pending:
                 pending.pop()()
+            # A shadow refers to the protocol that holds it: a reference cycle only the
+            # cyclic GC would free, in a full collection whose pause grows with the heap.
+            # Dropped (every layer's: the loss has been reported), the session is freed as
+            # soon as it is gone.
+            vars(protocol).pop("connectionLost", None)
 
     setattr(protocol, "connectionLost", connection_lost)  # noqa: B010
 

@@ -29,6 +29,10 @@ class ClockedTimeout(TimeoutMixin):
         self.setTimeout(period)  # type: ignore[no-untyped-call]
 
 
+def _nothing() -> None:
+    """What a stopped watch would call (it never fires: its timer is cancelled)."""
+
+
 class PartialLineWatch:
     """The slowloris watchdog of one session, fed by its protocol.
 
@@ -112,9 +116,12 @@ class PartialLineWatch:
         self._close_window()
 
     def stop(self) -> None:
-        """The connection is gone: no timer may outlive it."""
+        """The connection is gone (or its end is decided): no timer may outlive it, and the
+        callback, a method of the protocol that holds this watch, is let go so that no
+        reference cycle keeps the session for the cyclic GC."""
         self._since = None
         self._cancel()
+        self._expire = _nothing
 
     def _open_window(self, size: int) -> None:
         self._since = self._clock.seconds()

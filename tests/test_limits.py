@@ -375,3 +375,42 @@ def test_a_plain_listener_gets_the_protocol_itself() -> None:
     built = app.built[0]
     assert built.transport is t
     assert proto is built
+
+
+def _cyclic_garbage(make_and_end_a_session: Any) -> list[str]:
+    """Type names of what one ended session leaves for the cyclic GC (nothing, ideally: a
+    full collection's pause grows with what it has to walk and free)."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        make_and_end_a_session()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        return sorted(type(o).__name__ for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+def test_an_ended_session_leaves_no_reference_cycle_behind() -> None:
+    from mailgate.service import SessionTracker
+    from tests.test_smtp_server import Session, settings
+
+    def guarded_session() -> None:
+        limiter = ConnectionLimiter(RecorderFactory(), Clock(), 10, 10, POP3_REFUSAL)
+        tracker = SessionTracker(limiter)
+        proto, _ = connect(tracker, v4("192.0.2.1"))
+        drop(proto)
+        assert tracker.sessions == set() and limiter.open == 0
+
+    def smtp_session() -> None:
+        s = Session(settings(line_time=10.0))
+        s.cmd("EHLO c.example")
+        s.cmd("QUIT")
+        s.proto.connectionLost()
+
+    assert _cyclic_garbage(guarded_session) == []
+    assert _cyclic_garbage(smtp_session) == []
