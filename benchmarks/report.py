@@ -32,6 +32,7 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("pop3_session", "reactor_lag_max_ms", "  max reactor lag ms (mailgate's probe)", ""),
     ("pop3s_session", "sessions_per_s", "POP3S session x16: sessions/s", "higher"),
     ("pop3s_session", "server_cpu_ms_per_op", "  server CPU ms/session", "lower"),
+    ("pop3s_session", "reactor_lag_max_ms", "  max reactor lag ms (mailgate's probe)", ""),
     (
         "pop3_session_argon2",
         "sessions_per_s",
@@ -90,9 +91,11 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("pop3s_handshake", "handshakes_per_s", "POP3S handshakes/s (x16)", "higher"),
     ("pop3s_handshake", "server_cpu_ms_per_op", "  server CPU ms/handshake", "lower"),
     ("pop3s_handshake", "client_cpu_util", "  load generator CPU (cores)", ""),
+    ("pop3s_handshake", "reactor_lag_max_ms", "  max reactor lag ms (mailgate's probe)", ""),
     ("submissions_handshake", "handshakes_per_s", "Submissions handshakes/s (x16)", "higher"),
     ("submissions_handshake", "server_cpu_ms_per_op", "  server CPU ms/handshake", "lower"),
     ("submissions_handshake", "client_cpu_util", "  load generator CPU (cores)", ""),
+    ("submissions_handshake", "reactor_lag_max_ms", "  max reactor lag ms (mailgate's probe)", ""),
 ]
 
 SMTP_SCENARIOS = ("submit", "submissions")

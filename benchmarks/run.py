@@ -233,10 +233,19 @@ def _add_lag(figures: Figures, server: servers.Server, start: float) -> None:
     """The worst reactor lag of the run that just ended (mailgate's probe; see
     mailgate/lagprobe.py): a blocked reactor delays every session it serves."""
     if server.lag_dir is not None:
-        end = time.time()
-        # Each process writes a second's report at its first tick of the next second.
-        time.sleep(max(0.0, int(end) + 1.05 - time.time()))
-        worst = lagprobe.worst_lag_ms(str(server.lag_dir), start, end)
+        # Lag is reported in the second the late tick came, and a second's report is
+        # written at a process's first tick of the next one: so read up to the second after
+        # the run (a stall spanning its end, work the run left behind such as closing
+        # 10,000 idle sessions), once every process has reported that second.
+        end = time.time() + 1
+        directory = str(server.lag_dir)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            latest = lagprobe.latest_report(directory)
+            if latest is None or latest >= int(end):
+                break
+            time.sleep(0.05)
+        worst = lagprobe.worst_lag_ms(directory, start, end)
         if worst is not None:
             figures["reactor_lag_max_ms"] = worst
 

@@ -78,7 +78,9 @@ class LagProbe:
         self._ticks = 0
 
 
-def install_from_environment(reactor: Any) -> LagProbe | None:
+def install_from_environment(
+    reactor: Any, wall: Callable[[], float] = time.time
+) -> LagProbe | None:
     """Run a probe in this process if ``MAILGATE_LAG_PROBE`` names a directory."""
     directory = os.environ.get(ENV)
     if not directory:
@@ -88,9 +90,12 @@ def install_from_environment(reactor: Any) -> LagProbe | None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def report(second: int, worst: float, ticks: int) -> None:
-        os.write(fd, f"{second} {worst * 1000:.2f} {ticks}\n".encode("ascii"))
+        try:
+            os.write(fd, f"{second} {worst * 1000:.2f} {ticks}\n".encode("ascii"))
+        except OSError:
+            pass  # a full disk loses a report line, never the probe or the reactor
 
-    probe = LagProbe(reactor, report)
+    probe = LagProbe(reactor, report, wall=wall)
     reactor.callWhenRunning(probe.start)
     reactor.addSystemEventTrigger("before", "shutdown", probe.stop)
     return probe
@@ -100,17 +105,44 @@ def worst_lag_ms(directory: str, start: float, end: float) -> float | None:
     """The worst lag any process reported for a second overlapping [start, end]; None if
     there is no report (no probe, or nothing ran)."""
     worst: float | None = None
-    try:
-        names = [n for n in os.listdir(directory) if n.startswith("lag.")]
-    except FileNotFoundError:
-        return None
-    for name in names:
-        with open(os.path.join(directory, name)) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) != 3:
-                    continue
-                second, lag = int(parts[0]), float(parts[1])
-                if second + 1 > start and second < end:
-                    worst = lag if worst is None else max(worst, lag)
+    for second, lag in _reports(directory):
+        if second + 1 > start and second < end:
+            worst = lag if worst is None else max(worst, lag)
     return worst
+
+
+def latest_report(directory: str) -> int | None:
+    """The oldest of the processes' latest reported seconds: every process has reported
+    up to that second (None: no report yet)."""
+    latest: dict[str, int] = {}
+    for name in _names(directory):
+        for second, _ in _reports(directory, name):
+            latest[name] = max(latest.get(name, second), second)
+    return min(latest.values()) if latest else None
+
+
+def _names(directory: str) -> list[str]:
+    try:
+        return [n for n in os.listdir(directory) if n.startswith("lag.")]
+    except OSError:
+        return []
+
+
+def _reports(directory: str, only: str | None = None) -> list[tuple[int, float]]:
+    """(second, worst lag ms) of every well-formed line; unreadable files are skipped."""
+    out: list[tuple[int, float]] = []
+    for name in [only] if only is not None else _names(directory):
+        try:
+            with open(os.path.join(directory, name)) as f:
+                lines = f.readlines()
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) != 3:
+                continue  # a line still being written
+            try:
+                out.append((int(parts[0]), float(parts[1])))
+            except ValueError:
+                continue
+    return out

@@ -56,6 +56,7 @@ class PartialLineWatch:
         "_expire",
         "_paused",
         "_since",
+        "_stopped",
         "expired",
         "fed_in_front",
         "line_time",
@@ -79,6 +80,7 @@ class PartialLineWatch:
         self._bytes = 0  # bytes of that partial line received in this window
         self._call: IDelayedCall | None = None
         self._paused = False
+        self._stopped = False
         #: The session is over: whatever else arrives must not reach the protocol.
         self.expired = False
         #: Set by a layer in front of the protocol that holds partial lines back (the lab's
@@ -122,12 +124,13 @@ class PartialLineWatch:
         self._since = None
         self._cancel()
         self._expire = _nothing
+        self._stopped = True  # inert from now on: nothing re-arms it
 
     def _open_window(self, size: int) -> None:
         self._since = self._clock.seconds()
         self._bytes = size
         self._cancel()
-        if not self._paused and not self.expired:
+        if not self._paused and not self.expired and not self._stopped:
             self._call = self._clock.callLater(self.line_time, self._check)
 
     def _close_window(self) -> None:

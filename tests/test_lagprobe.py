@@ -9,7 +9,13 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
-from mailgate.lagprobe import ENV, LagProbe, install_from_environment, worst_lag_ms
+from mailgate.lagprobe import (
+    ENV,
+    LagProbe,
+    install_from_environment,
+    latest_report,
+    worst_lag_ms,
+)
 
 
 class Wall:
@@ -62,7 +68,7 @@ def test_installed_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert install_from_environment(MemoryReactorClock()) is None
     monkeypatch.setenv(ENV, str(tmp_path / "lag"))
     reactor = MemoryReactorClock()
-    assert install_from_environment(reactor) is not None
+    assert install_from_environment(reactor, wall=Wall()) is not None
     for hook, args, kw in reactor.whenRunningHooks:
         hook(*args, **kw)
     reactor.advance(0.01)
@@ -76,3 +82,11 @@ def test_installed_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert worst_lag_ms(str(tmp_path / "lag"), int(second), int(second) + 1) == float(worst)
     assert worst_lag_ms(str(tmp_path / "lag"), int(second) + 5, int(second) + 9) is None
     assert worst_lag_ms(str(tmp_path / "nothing"), 0, 1e12) is None
+
+
+def test_unreadable_reports_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / "lag.1").write_text("1000 5.00 90\nnot a number 3\n1001 7.5")  # mid-write
+    (tmp_path / "lag.2").mkdir()  # not a file
+    (tmp_path / "lag.3").write_text("1000 2.00 99\n1001 1.00 98\n")
+    assert worst_lag_ms(str(tmp_path), 1000, 1002) == 5.0
+    assert latest_report(str(tmp_path)) == 1000  # lag.1 has not reported 1001 yet

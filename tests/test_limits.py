@@ -414,3 +414,18 @@ def test_an_ended_session_leaves_no_reference_cycle_behind() -> None:
 
     assert _cyclic_garbage(guarded_session) == []
     assert _cyclic_garbage(smtp_session) == []
+
+
+def test_a_stopped_watch_stays_inert() -> None:
+    """POP3 stops its watch when UPDATE begins: a partial line sent after QUIT, even in a
+    later packet, must not end the session while the commit runs."""
+    clock = Clock()
+    fired: list[bool] = []
+    watch = PartialLineWatch(clock, 10, 0, lambda: fired.append(True))
+    watch.received(b"QUIT\r\n")
+    watch.stop()
+    watch.received(b"X")
+    watch.resume()
+    assert clock.getDelayedCalls() == []
+    clock.advance(100)
+    assert fired == []
