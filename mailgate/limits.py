@@ -17,6 +17,7 @@ per process: with several workers, each enforces the limits on the connections i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -134,28 +135,47 @@ class FactoryInFront(Factory):
         self.wrappedFactory.doStop()
 
 
+class _LostHook:
+    """Set over a protocol's ``connectionLost``: runs the method, then each follower once.
+
+    One small object per connection, whoever follows it (the limiter, the session
+    tracker): closures per follower cost ~1 KB per idle session. It removes itself before
+    running, so no reference cycle outlives the session (the cyclic GC would free it only
+    in a full collection, whose pause grows with the heap) and a second report of the
+    loss reaches the method alone.
+    """
+
+    __slots__ = ("followers", "protocol")
+
+    def __init__(self, protocol: IProtocol) -> None:
+        self.protocol = protocol
+        self.followers: list[Callable[[], None]] = []
+
+    def __call__(self, reason: Failure = connectionDone) -> None:
+        protocol, followers = self.protocol, self.followers
+        self.followers = []
+        vars(protocol).pop("connectionLost", None)
+        try:
+            protocol.connectionLost(reason)
+        finally:
+            for follow in followers:
+                try:
+                    follow()
+                except Exception:
+                    log.failure("after connectionLost")
+
+
 def after_connection_lost(protocol: IProtocol, then: Callable[[], None]) -> None:
     """Call ``then`` once, after ``protocol.connectionLost`` has run (even if it raised).
 
     An instance attribute shadows the method: whoever reports the loss calls it, and nothing
     stands between the protocol and its transport for every read and write.
     """
-    lost = protocol.connectionLost
-    pending = [then]
-
-    def connection_lost(reason: Failure = connectionDone) -> None:
-        try:
-            lost(reason)
-        finally:
-            if pending:
-                pending.pop()()
-            # A shadow refers to the protocol that holds it: a reference cycle only the
-            # cyclic GC would free, in a full collection whose pause grows with the heap.
-            # Dropped (every layer's: the loss has been reported), the session is freed as
-            # soon as it is gone.
-            vars(protocol).pop("connectionLost", None)
-
-    setattr(protocol, "connectionLost", connection_lost)  # noqa: B010
+    hook = vars(protocol).get("connectionLost")
+    if not isinstance(hook, _LostHook):
+        hook = _LostHook(protocol)
+        setattr(protocol, "connectionLost", hook)  # noqa: B010
+    hook.followers.append(then)
 
 
 class ConnectionLimiter(FactoryInFront):
@@ -202,7 +222,7 @@ class ConnectionLimiter(FactoryInFront):
             return None
         self.open += 1
         self.per_peer[key] = self.per_peer.get(key, 0) + 1
-        after_connection_lost(protocol, lambda: self._release(key))
+        after_connection_lost(protocol, functools.partial(self._release, key))
         return protocol
 
     def _release(self, key: str) -> None:

@@ -103,7 +103,7 @@ class SessionTracker(FactoryInFront):
         if protocol is None:
             return None
         self.sessions.add(protocol)
-        after_connection_lost(protocol, lambda: self._gone(protocol))
+        after_connection_lost(protocol, functools.partial(self._gone, protocol))
         return protocol
 
     def _gone(self, protocol: IProtocol) -> None:
