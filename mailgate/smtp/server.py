@@ -318,8 +318,7 @@ class SmtpServer(LineReceiver, ClockedTimeout):
 
     def timeoutConnection(self) -> None:
         _log.info("SMTP idle timeout peer={peer}", peer=self._peer_ip)
-        self._send(reply(421, "4.4.2", f"{self._settings.hostname} Error: timeout exceeded"))
-        self._close()
+        self._timed_out()
 
     def _partial_line_expired(self) -> None:
         """The slowloris watchdog: same reply as the idle timeout, its own log line."""
@@ -328,6 +327,9 @@ class SmtpServer(LineReceiver, ClockedTimeout):
             peer=self._peer_ip,
             seconds=self._settings.line_time,
         )
+        self._timed_out()
+
+    def _timed_out(self) -> None:
         self._send(reply(421, "4.4.2", f"{self._settings.hostname} Error: timeout exceeded"))
         self._close()
 
